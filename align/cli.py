@@ -1,0 +1,77 @@
+"""`align <command>`: thin dispatch to the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module with a `main(argv)` function, one-line help)
+COMMANDS = {
+    "prepare-data": ("align.data.prepare", "build the tokenizer and token shards for a pretraining recipe"),
+    "pretrain": ("align.pretrain", "pretrain the from-scratch GPT (--config recipes/<preset>/pretrain.yaml)"),
+    "export": ("align.cli", "export a pretraining checkpoint as a Hugging Face directory"),
+    "sft": ("align.stages.sft", "supervised fine-tuning with TRL's SFTTrainer"),
+    "reward": ("align.stages.reward", "train a reward model with TRL's RewardTrainer"),
+    "ppo": ("align.stages.ppo", "PPO with TRL's PPOTrainer (trl<1.13)"),
+    "dpo": ("align.stages.dpo", "direct preference optimisation with TRL's DPOTrainer"),
+    "grpo": ("align.stages.grpo", "GRPO with a verifiable reward (TRL's GRPOTrainer)"),
+    "eval": ("align.evaluation.run", "evaluate a checkpoint with lm-evaluation-harness"),
+    "compare": ("align.evaluation.report", "compare evaluated models in a report"),
+    "benchmarks": ("align.evaluation.pack", "fetch the offline benchmark data (`align benchmarks fetch`)"),
+    "pipeline": ("align.pipeline", "run every stage of a preset in order"),
+}
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    from align.model.hf import export, load_checkpoint
+
+    parser = argparse.ArgumentParser(prog="align export", description=COMMANDS["export"][1])
+    parser.add_argument("checkpoint", help="checkpoint directory (gpt_config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, or its run's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    args = parser.parse_args(argv)
+    model = load_checkpoint(args.checkpoint)
+    tokenizer_dir = args.tokenizer or _find_tokenizer(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = export(model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _find_tokenizer(checkpoint: str) -> str:
+    from pathlib import Path
+
+    ckpt = Path(checkpoint)
+    for candidate in (ckpt, ckpt / "tokenizer", ckpt.parent / "tokenizer", ckpt.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"no tokenizer.json in {ckpt} or beside it (looked in ./, tokenizer/, ../tokenizer, ../../tokenizer); "
+        "pass --tokenizer DIR"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: align <command> [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<13} {help_text}")
+        print("\n`align <command> --help` shows a command's options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"align: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if command == "export":
+        return export_main(rest)
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""GPTConfig: the architecture of the from-scratch model, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    n_embd: int = 768
+    intermediate_size: int | None = None  # None = 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
+    norm: str = "rmsnorm"
+    position: str = "rope"
+    mlp: str = "swiglu"
+    tie_embeddings: bool = False
+    bias: bool = False
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"GPTConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"GPTConfig.position must be one of {POSITIONS}, got {self.position!r}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"GPTConfig.mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
+            )
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_head ({self.n_head}) must be divisible by GPTConfig.n_kv_head ({self.n_kv_head})"
+            )
+        if self.position == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.intermediate_size is None:
+            if self.mlp == "gelu":
+                self.intermediate_size = 4 * self.n_embd
+            else:  # SwiGLU: 2/3 of 4*n_embd keeps the parameter count of a GELU MLP
+                self.intermediate_size = 64 * ((8 * self.n_embd // 3 + 63) // 64)
+        elif self.intermediate_size <= 0:
+            raise ValueError(f"GPTConfig.intermediate_size must be positive, got {self.intermediate_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def family(self) -> str | None:
+        """'llama' or 'gpt2' when a standard transformers class can express this config, else None."""
+        if (self.norm, self.position, self.mlp) == ("rmsnorm", "rope", "swiglu"):
+            return "llama"
+        if (self.norm, self.position, self.mlp) == ("layernorm", "learned", "gelu") and self.n_kv_head == self.n_head:
+            return "gpt2"
+        return None
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        d, f, L = self.n_embd, self.intermediate_size, self.n_layer
+        kv = self.n_kv_head * self.head_dim
+        attn = d * (d + 2 * kv) + d * d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        n = L * (attn + mlp)
+        if not non_embedding:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.position == "learned":
+                n += self.block_size * d
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM/nanoGPT convention used for MFU:
+        6 per weight of every matmul (the LM head included) plus 12*L*d*T for the attention scores."""
+        T = seq_len or self.block_size
+        n_matmul = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd
+        return 6 * n_matmul + 12 * self.n_layer * self.n_embd * T
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GPTConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read a GPTConfig from {path}: {e}") from e
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+# Presets. The tiny one trains in minutes on 2 CPU cores; the others are the sizes of the
+# "from scratch" guides (GPT-2 small) and a Llama-3.2-1B-shaped model.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=2048, block_size=256, n_layer=4, n_head=6, n_kv_head=2, n_embd=192, intermediate_size=512,
+        tie_embeddings=True,
+    ),
+    "gpt2-124m": dict(
+        vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, norm="layernorm",
+        position="learned", mlp="gelu", tie_embeddings=True, bias=True,
+    ),
+    "llama-124m": dict(
+        vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2048,
+        tie_embeddings=True, rope_theta=10000.0,
+    ),
+    "llama-1b": dict(
+        vocab_size=128256, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+        intermediate_size=8192, tie_embeddings=True, rope_theta=500000.0,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """The named preset, with field overrides (e.g. vocab_size from the tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})

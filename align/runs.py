@@ -1,0 +1,43 @@
+"""Run directories: refuse to clobber finished work, write small JSON files atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create `path`, refusing an existing non-empty directory unless resuming or overwriting.
+
+    With overwrite, the old contents are moved aside to `<path>.old-<time>` rather than deleted, so nothing
+    already written is lost by a mistyped flag."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output path {path} exists and is a file")
+    if path.is_dir() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {path} already exists and is not empty; pass --resume to continue it, "
+                "--overwrite to start again (the old directory is kept as a backup), or choose another --output_dir"
+            )
+        backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, backup)
+        print(f"[align] moved the existing {path} to {backup}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+

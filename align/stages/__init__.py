@@ -1,0 +1,1 @@
+"""Alignment stages: SFT, reward model, PPO, DPO and GRPO, each a TRL trainer built from a recipe."""
