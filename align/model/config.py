@@ -77,11 +77,15 @@ class GPTConfig:
         return None
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """Exact parameter count of GPT(self); non_embedding leaves out token/position embeddings and an
+        untied LM head."""
         d, f, L = self.n_embd, self.intermediate_size, self.n_layer
         kv = self.n_kv_head * self.head_dim
-        attn = d * (d + 2 * kv) + d * d
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
-        n = L * (attn + mlp)
+        gated = 2 if self.mlp == "swiglu" else 1
+        attn = d * (d + 2 * kv) + d * d + (self.bias and (d + 2 * kv) + d)
+        mlp = gated * d * f + f * d + (self.bias and gated * f + d)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        n = L * (attn + mlp + 2 * norm) + norm
         if not non_embedding:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.position == "learned":
@@ -111,6 +115,10 @@ class GPTConfig:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        return preset(name, **overrides)
+
+    @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "GPTConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -121,7 +129,7 @@ class GPTConfig:
 
 # Presets. The tiny one trains in minutes on 2 CPU cores; the others are the sizes of the
 # "from scratch" guides (GPT-2 small) and a Llama-3.2-1B-shaped model.
-PRESETS: dict[str, dict] = {
+_PRESET_FIELDS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=2048, block_size=256, n_layer=4, n_head=6, n_kv_head=2, n_embd=192, intermediate_size=512,
         tie_embeddings=True,
@@ -131,7 +139,7 @@ PRESETS: dict[str, dict] = {
         position="learned", mlp="gelu", tie_embeddings=True, bias=True,
     ),
     "llama-124m": dict(
-        vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2048,
+        vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2432,
         tie_embeddings=True, rope_theta=10000.0,
     ),
     "llama-1b": dict(
@@ -141,8 +149,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+PRESETS: dict[str, GPTConfig] = {name: GPTConfig(**fields) for name, fields in _PRESET_FIELDS.items()}
+
+
 def preset(name: str, **overrides) -> GPTConfig:
     """The named preset, with field overrides (e.g. vocab_size from the tokenizer)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    return GPTConfig(**{**PRESETS[name], **overrides})
+    if name not in _PRESET_FIELDS:
+        raise ValueError(f"unknown model preset {name!r}; available: {sorted(_PRESET_FIELDS)}")
+    return GPTConfig(**{**_PRESET_FIELDS[name], **overrides})

@@ -205,7 +205,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

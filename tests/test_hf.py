@@ -1,0 +1,193 @@
+"""Hugging Face export and import: logits and greedy-generation parity, round trips, the exported directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    pipeline,
+)
+
+from align.model import GPT, export, from_hf, load_checkpoint, save_checkpoint, to_hf
+from conftest import tiny_config
+
+LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu")
+GPT2 = dict(norm="layernorm", position="learned", mlp="gelu")
+CASES = {
+    "llama-gqa-tied": dict(**LLAMA, n_kv_head=2, tie_embeddings=True),
+    "llama-gqa-untied": dict(**LLAMA, n_kv_head=2, tie_embeddings=False),
+    "llama-mha-bias": dict(**LLAMA, n_kv_head=4, bias=True, rope_theta=500000.0, norm_eps=1e-6),
+    "llama-mqa": dict(**LLAMA, n_kv_head=1, tie_embeddings=False, intermediate_size=96),
+    "gpt2-tied-bias": dict(**GPT2, n_kv_head=4, tie_embeddings=True, bias=True),
+    "gpt2-untied-nobias": dict(**GPT2, n_kv_head=4, tie_embeddings=False, bias=False, norm_eps=1e-6),
+}
+
+
+def randomized(config_fields, seed=0):
+    """A GPT whose norms and biases are random too, so that a mapping mistake cannot hide behind ones/zeros."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**config_fields))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_logits_parity_with_exported_model(case):
+    model = randomized(CASES[case])
+    hf = to_hf(model)
+    assert type(hf) is (GPT2LMHeadModel if case.startswith("gpt2") else LlamaForCausalLM)
+    idx = torch.randint(0, 512, (3, 50))
+    with torch.no_grad():
+        diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_greedy_generation_matches_transformers(case):
+    model = randomized(CASES[case], seed=1)
+    hf = to_hf(model)
+    prompt = torch.randint(0, 512, (1, 9))
+    ours = model.generate(prompt, max_new_tokens=40, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=1, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+def test_round_trip_from_transformers_llama_and_gpt2():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, bos_token_id=0, eos_token_id=0,
+    )).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=300, n_positions=96, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+    )).eval()
+    idx = torch.randint(0, 300, (2, 40))
+    for hf in (llama, gpt2):
+        ours = from_hf(hf)
+        with torch.no_grad():
+            assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+        back = to_hf(ours)
+        for key, value in hf.state_dict().items():
+            if key in back.state_dict():
+                torch.testing.assert_close(back.state_dict()[key], value, atol=0, rtol=0)
+    assert from_hf(llama).config.rope_theta == 20000.0 and from_hf(llama).config.n_kv_head == 2
+
+
+def test_unexpressible_configs_are_refused():
+    for fields in (dict(norm="layernorm", position="rope", mlp="swiglu"), dict(**GPT2, n_kv_head=2),
+                   dict(norm="rmsnorm", position="learned", mlp="gelu")):
+        with pytest.raises(ValueError, match="no transformers class"):
+            to_hf(GPT(tiny_config(**fields)))
+    scaled = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                 "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope_type"):
+        from_hf(LlamaForCausalLM(scaled))
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def exported(request, tmp_path_factory, tiny_tokenizer):
+    fields = dict(tie_embeddings=True) if request.param == "llama" else dict(**GPT2, n_kv_head=4, bias=True)
+    model = randomized(fields)
+    out = tmp_path_factory.mktemp("export") / request.param
+    export(model, tiny_tokenizer, out)
+    return model, out
+
+
+def test_exported_directory_contents(exported, tiny_tokenizer):
+    _, out = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == tiny_tokenizer.pad_token_id != config["eos_token_id"]
+    assert config["eos_token_id"] == tiny_tokenizer.eos_token_id
+    assert config["bos_token_id"] == tiny_tokenizer.bos_token_id
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tiny_tokenizer.eos_token_id
+    assert generation["pad_token_id"] == tiny_tokenizer.pad_token_id
+
+
+def test_exported_directory_loads_as_causal_lm_with_same_logits(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    idx = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_exported_directory_loads_as_reward_model(exported, tiny_tokenizer):
+    _, out = exported
+    rm = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
+    batch = tiny_tokenizer(["<|user|>hi<|assistant|>yes<|endoftext|>", "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = rm(**batch).logits
+    assert scores.shape == (2, 1) and torch.isfinite(scores).all()
+
+
+def test_exported_directory_generates_through_pipeline_with_chat_template(exported):
+    _, out = exported
+    generate = pipeline("text-generation", model=str(out), device="cpu")
+    result = generate([{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=8, do_sample=False)
+    chat = result[0]["generated_text"]
+    assert chat[0]["content"] == "What is 2 + 3?" and chat[-1]["role"] == "assistant"
+    text = generate("To be, or not", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("To be, or not")
+
+
+def test_export_refuses_non_empty_directory_and_keeps_it(tmp_path, tiny_tokenizer):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    model = GPT(tiny_config())
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(model, tiny_tokenizer, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export(model, tiny_tokenizer, out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "precious.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directories left behind
+
+
+def test_export_refuses_tokenizer_without_distinct_pad(tmp_path, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = tok.eos_token
+    with pytest.raises(ValueError, match="pad token distinct from eos"):
+        export(GPT(tiny_config()), tok, tmp_path / "m")
+    with pytest.raises(ValueError, match="vocab_size"):
+        export(GPT(tiny_config(vocab_size=100)), tiny_tokenizer, tmp_path / "m")
+
+
+def test_checkpoint_round_trip_and_export_command(tmp_path, tiny_tokenizer):
+    model = randomized(dict(tie_embeddings=True))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000010"
+    save_checkpoint(model, ckpt)
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    loaded = load_checkpoint(ckpt)
+    idx = torch.randint(0, 512, (1, 20))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    assert loaded.lm_head.weight.data_ptr() == loaded.wte.weight.data_ptr()
+    result = subprocess.run(
+        [sys.executable, "-m", "align.cli", "export", str(ckpt), "--out", str(tmp_path / "hf")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+    with pytest.raises(FileNotFoundError, match="gpt_config.json"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,204 @@
+"""The from-scratch GPT: config validation, forward/loss, KV cache, sampling, activation checkpointing."""
+
+import pytest
+import torch
+
+from align.model import GPT, GPTConfig, PRESETS, preset, sample_next_token
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_embd=66, n_head=4), "n_embd"),
+        (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(position="alibi"), "position"),
+        (dict(mlp="relu"), "mlp"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
+def test_invalid_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**fields)
+
+
+def test_presets():
+    assert {"tiny", "gpt2-124m", "llama-124m", "llama-1b"} <= set(PRESETS)
+    assert PRESETS["gpt2-124m"].family == "gpt2" and PRESETS["llama-1b"].family == "llama"
+    assert 120e6 < PRESETS["gpt2-124m"].num_params(non_embedding=False) < 130e6
+    assert 120e6 < PRESETS["llama-124m"].num_params(non_embedding=False) < 130e6
+    assert preset("tiny", vocab_size=300).vocab_size == 300
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("gpt5")
+    model = GPT(preset("tiny"))
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_params(non_embedding=False)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = tiny_config(norm="layernorm", position="learned", mlp="gelu")
+    config.save(tmp_path / "c.json")
+    assert GPTConfig.load(tmp_path / "c.json") == config
+    with pytest.raises(ValueError, match="unknown GPTConfig field"):
+        GPTConfig.from_dict({**config.to_dict(), "n_layers": 3})
+
+
+def test_intermediate_size_defaults():
+    assert GPTConfig(n_embd=64, n_head=4, mlp="gelu").intermediate_size == 256
+    swiglu = GPTConfig(n_embd=96, n_head=4, mlp="swiglu").intermediate_size
+    assert swiglu % 64 == 0 and abs(swiglu - 8 * 96 / 3) < 64
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 512, (2, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, 512) and loss is None
+    logits, loss = model(idx[:, :-1], idx[:, 1:])
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(512.0)).item(), rel=0.1)  # near-uniform at init
+    targets = idx[:, 1:].clone()
+    targets[:, :8] = -100
+    logits_short, masked = model(idx[:, :-1], targets)
+    expected = torch.nn.functional.cross_entropy(logits_short[:, 8:].reshape(-1, 512), idx[:, 9:].reshape(-1))
+    torch.testing.assert_close(masked, expected)
+
+
+def test_causal_mask_future_tokens_do_not_leak():
+    torch.manual_seed(0)
+    for fields in (dict(), dict(norm="layernorm", position="learned", mlp="gelu", n_kv_head=4)):
+        model = GPT(tiny_config(**fields)).eval()
+        idx = torch.randint(0, 512, (1, 20))
+        changed = idx.clone()
+        changed[0, 12:] = (changed[0, 12:] + 1) % 512
+        torch.testing.assert_close(model(idx)[0][:, :12], model(changed)[0][:, :12])
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = GPT(tiny_config(block_size=16))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), max_new_tokens=10)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 512, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_tied_embeddings_share_storage():
+    tied = GPT(tiny_config(tie_embeddings=True))
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    untied = GPT(tiny_config(tie_embeddings=False))
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=128, intermediate_size=512))
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 512, (2, 17))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(), dict(n_kv_head=1), dict(norm="layernorm", position="learned", mlp="gelu", n_kv_head=4, bias=True)],
+    ids=["gqa-rope", "mqa", "gpt2"],
+)
+def test_kv_cache_generation_equals_no_cache(fields):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**fields))
+    prompt = torch.randint(0, 512, (3, 7))
+    greedy = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(greedy, model.generate(prompt, 30, temperature=0, use_cache=False))
+    sampled = [
+        model.generate(prompt, 30, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(3), use_cache=c)
+        for c in (True, False)
+    ]
+    assert torch.equal(*sampled)
+
+
+def test_cache_prefill_in_chunks_matches_full_forward():
+    from align.model import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 512, (2, 24))
+    full = model.lm_head(model.hidden_states(idx))
+    cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+    first = model.lm_head(model.hidden_states(idx[:, :10], cache, 0))
+    second = model.lm_head(model.hidden_states(idx[:, 10:], cache, 10))
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    prompt = torch.randint(0, 512, (2, 5))
+    free = model.generate(prompt, 20, temperature=0)
+    eos = int(free[0, 7])  # the third generated token of row 0 becomes "eos"
+    out = model.generate(prompt, 20, temperature=0, eos_token_id=eos)
+    assert out[0, 7] == eos and (out[0, 7:] == eos).all()
+    if not (out[1, 5:] == eos).any():
+        assert out.shape[1] == free.shape[1]  # row 1 never finished, so generation ran to the end
+
+
+def test_top_k_one_is_greedy_and_temperature_zero_is_argmax():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    prompt = torch.randint(0, 512, (2, 6))
+    greedy = model.generate(prompt, 15, temperature=0)
+    topk1 = model.generate(prompt, 15, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, topk1)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_next_token(logits, temperature=1.0, top_p=0.75, generator=gen)
+    # {0, 1} cover 0.8 >= 0.75, so tokens 2 and 3 are outside the nucleus
+    assert set(drawn.tolist()) == {0, 1}
+    share0 = (drawn == 0).float().mean().item()
+    assert share0 == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalised within the nucleus
+    assert set(sample_next_token(logits, top_p=0.4, generator=gen).tolist()) == {0}
+    assert len(set(sample_next_token(logits, top_p=1.0, generator=gen).tolist())) == 4
+
+
+def test_top_k_keeps_the_k_most_likely():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(2000, 1)
+    drawn = sample_next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
+
+
+def test_bad_sampling_arguments():
+    logits = torch.zeros(1, 4)
+    for kwargs, message in ((dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=message):
+            sample_next_token(logits, **kwargs)

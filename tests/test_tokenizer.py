@@ -1,0 +1,70 @@
+"""The BPE tokenizer: digits, special tokens, chat template with generation marks, save and reload."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from align.tokenizer import ROLE_TOKENS, tokenizer_hash, train_tokenizer
+
+
+def test_vocab_size_and_special_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert len(tok) == 512
+    assert tok.eos_token == "<|endoftext|>" and tok.bos_token_id == tok.eos_token_id
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    for marker in ROLE_TOKENS.values():
+        ids = tok(f"a{marker}b", add_special_tokens=False).input_ids
+        assert tok.convert_tokens_to_ids(marker) in ids  # one token, never split into bytes
+        assert marker not in tok.decode(ids, skip_special_tokens=True)
+
+
+def test_digits_are_split_one_per_token(tiny_tokenizer):
+    tokens = tiny_tokenizer.tokenize("In 1234 years, 56 apples.")
+    digits = [t for t in tokens if any(c.isdigit() for c in t)]
+    assert digits == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_byte_level_round_trip_of_any_text(tiny_tokenizer):
+    for text in ["Hello, world!", "  spaced\n\ttabs  ", "naïve café — ünïcödé 😀", "x = 3 * 4\n#### 12"]:
+        ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+        assert tiny_tokenizer.decode(ids) == text
+
+
+def test_chat_template_marks_assistant_tokens_and_ends_turns_with_eos(tiny_tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+    ]
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "<|system|>Be brief.<|user|>What is 2 + 3?<|assistant|>5<|endoftext|>"
+    out = tiny_tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assistant_ids = [i for i, m in zip(ids, mask) if m]
+    assert tiny_tokenizer.decode(assistant_ids) == "5<|endoftext|>"
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+    prompt = tiny_tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|user|>What is 2 + 3?<|assistant|>"
+    assert text.startswith(tiny_tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True))
+
+
+def test_chat_template_rejects_unknown_roles(tiny_tokenizer):
+    with pytest.raises(Exception, match="unknown chat role"):
+        tiny_tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
+
+
+def test_save_and_reload_keeps_everything(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer_hash(again) == tokenizer_hash(tiny_tokenizer)
+    assert again.chat_template == tiny_tokenizer.chat_template
+    assert (again.pad_token_id, again.eos_token_id) == (tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id)
+    text = "Question: Tom has 3 apples.\nAnswer: 3 + 4 = 7\n#### 7"
+    assert again(text).input_ids == tiny_tokenizer(text).input_ids
+
+
+def test_hash_changes_with_the_vocabulary():
+    a = train_tokenizer(["the cat sat on the mat"] * 50, vocab_size=300)
+    b = train_tokenizer(["a dog ran in the park"] * 50, vocab_size=300)
+    assert tokenizer_hash(a) != tokenizer_hash(b)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["x"], vocab_size=100)
