@@ -1,0 +1,242 @@
+"""`align eval`: run lm-eval's `simple_evaluate` on a checkpoint with the offline task definitions in evals/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from align.evaluation.tasks import RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, normalise_corpus, render, select
+
+log = logging.getLogger("align.eval")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="align eval", description="evaluate a checkpoint with lm-evaluation-harness")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (what `align export`/stages write)")
+    p.add_argument("--suite", help="named suite from evals/suites.yaml: core (default) or quick")
+    p.add_argument("--tasks", nargs="+", help="task, group or tag names instead of a suite (e.g. mmlu gsm8k)")
+    p.add_argument("--limit", type=int, help="at most N documents per task (overrides the suite's limits)")
+    p.add_argument("--num_fewshot", type=int, help="few-shot examples for every task (overrides suite and YAML)")
+    p.add_argument("--max_new_tokens", type=int, help="cap on generated tokens for generation tasks")
+    p.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--peft", help="PEFT adapter directory to apply on top of --model")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 where supported)")
+    p.add_argument("--demo_file", help="held-out demo problems (heldout.jsonl, GSM8K schema) for the demo task")
+    p.add_argument("--corpus_file", help="held-out pretraining documents (.jsonl with text, or .txt) for ppl_corpus")
+    p.add_argument("--source", choices=["pack", "hub"], default="pack",
+                   help="pack: offline data (`align benchmarks fetch`); hub: lm-eval's own tasks from the hub")
+    p.add_argument("--confirm_run_unsafe_code", action="store_true",
+                   help="allow tasks that execute model-written code (humaneval), in the sandbox")
+    p.add_argument("--code_timeout", type=float, default=10.0, help="seconds per generated program")
+    p.add_argument("--log_samples", action="store_true", help="also write every prompt/response to OUT.samples.jsonl")
+    p.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap iterations for non-mean stderrs")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", help="results JSON (default: MODEL/eval/results.json)")
+    args = p.parse_args(argv)
+    if args.suite and args.tasks:
+        p.error("give --suite or --tasks, not both")
+    return args
+
+
+def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
+    """The model and tokenizer in `model_dir` (plus a PEFT adapter), or an EvalError saying what is wrong."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise EvalError(f"--model {path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise EvalError(f"--model {path} is not a Hugging Face model directory (no config.json); "
+                        "export a pretraining checkpoint with `align export CKPT --out DIR`")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
+        raise EvalError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
+    if peft:
+        model = apply_adapter(model, path, Path(peft))
+    return model.to(device).eval(), tokenizer
+
+
+ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+
+
+def apply_adapter(model, base_dir: Path, adapter: Path):
+    from peft import PeftModel
+
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise EvalError(f"--peft {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    adapter_base = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
+    base_config = Path(adapter_base) / "config.json"
+    if base_config.is_file():
+        trained_on, given = json.loads(base_config.read_text()), json.loads((base_dir / "config.json").read_text())
+        differ = [k for k in ARCH_KEYS if trained_on.get(k) != given.get(k)]
+        if differ:
+            detail = ", ".join(f"{k} {trained_on.get(k)} vs {given.get(k)}" for k in differ)
+            raise EvalError(f"--peft {adapter} was trained on {adapter_base}, whose architecture differs from "
+                            f"--model {base_dir} ({detail}); pass the adapter's base model as --model")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as err:  # noqa: BLE001 - shape mismatches and missing modules alike
+        raise EvalError(f"--peft {adapter} does not fit --model {base_dir} (the adapter was trained on "
+                        f"{adapter_base or 'another base'}): {type(err).__name__}: {str(err)[:300]}") from err
+
+
+def build_tasks(task_manager, selections: list[Selection]) -> tuple[list, dict[str, list[int]] | None]:
+    """lm-eval Task/Group objects with the suite's few-shot settings, and per-task document indices for its limits."""
+    objects, samples = [], {}
+    for sel in selections:
+        loaded = task_manager.load([sel.task])
+        obj = loaded["groups"].get(sel.task) or loaded["tasks"].get(sel.task)
+        objects += [obj] if obj is not None else list(loaded["tasks"].values())
+        for name, task in loaded["tasks"].items():
+            if sel.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=sel.num_fewshot)
+            if sel.limit is not None:
+                samples[name] = list(range(min(sel.limit, len(task.eval_docs))))
+    return objects, samples or None
+
+
+def cap_generation(objects, max_length: int, max_new_tokens: int | None) -> None:
+    """Apply --max_new_tokens, and keep every generation task's budget below the model's context (lm-eval
+    asserts max_gen_toks < max_length; HumanEval asks for 1024, a small model may have 128 positions)."""
+    from lm_eval.api.group import Group
+
+    tasks = [t for o in objects for t in (o.get_all_tasks() if isinstance(o, Group) else [o])]
+    for task in tasks:
+        if task.get_config("output_type") != "generate_until":
+            continue
+        kwargs = dict(task.get_config("generation_kwargs") or {})
+        wanted = max_new_tokens or kwargs.get("max_gen_toks", 256)
+        if wanted >= max_length:
+            log.warning("%s: the model has %d positions; generating at most %d tokens instead of %d",
+                        task.config.task, max_length, max_length // 2, wanted)
+            wanted = max_length // 2
+        kwargs["max_gen_toks"] = wanted
+        task.set_config(key="generation_kwargs", value=kwargs)
+
+
+def task_names(objects) -> list[str]:
+    from lm_eval.api.group import Group
+
+    return [t.task_name for o in objects for t in (o.get_all_tasks() if isinstance(o, Group) else [o])]
+
+
+def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
+    """Run the selected tasks; returns (results report, per-document samples when asked). `lm` replaces the
+    model in --model with any lm-eval LM object (tests use an oracle)."""
+    from align.evaluation import passk, sandbox
+    from align.evaluation.pack import require_pack
+    from align.evaluation.tasks import summarise
+    from align.hardware import device_type
+
+    files = {"demo_file": args.demo_file, "corpus_file": args.corpus_file}
+    for option, value in files.items():
+        if value and not Path(value).is_file():
+            raise EvalError(f"--{option} {value}: no such file")
+    if args.source == "hub":
+        selections = [Selection(t) for t in (args.tasks or [])]
+        if not selections:
+            raise EvalError("--source hub runs lm-eval's own tasks: name them with --tasks")
+    else:
+        selections = select(args.suite, args.tasks, files)
+    if not selections:
+        raise EvalError("no task to run")
+    names = {s.task for s in selections}
+    # Opt-in to running generated code is checked before anything is loaded or generated.
+    unsafe = sorted(names & UNSAFE_TASKS)
+    if unsafe and not args.confirm_run_unsafe_code:
+        raise EvalError(f"{', '.join(unsafe)} executes model-written code: pass --confirm_run_unsafe_code to run it "
+                        "in the sandbox (see docs/evaluation.md), or choose tasks with --tasks")
+    isolation = None
+    if unsafe:
+        passk.LIMITS = sandbox.Limits(timeout=args.code_timeout)
+        isolation = sandbox.selftest().isolation
+        if "netns" not in isolation and "landlock-tcp" not in isolation:
+            log.warning("the code sandbox has no network isolation on this machine (no unshare, no Landlock)")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="align-eval-") as tmp:
+        if args.source == "hub":
+            task_manager = TaskManager()
+        else:
+            needs_pack = any(s.task not in RUNTIME_FILES for s in selections)
+            corpus = normalise_corpus(args.corpus_file, Path(tmp) / "corpus.jsonl") if args.corpus_file else None
+            include = render(Path(tmp) / "tasks", require_pack() if needs_pack else None, args.demo_file, corpus)
+            task_manager = TaskManager(include_path=str(include), include_defaults=False)
+        device = args.device or device_type()
+        if lm is None:
+            model, tokenizer = load_model(args.model, args.peft, device, args.dtype)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=args.batch_size)
+        objects, samples = build_tasks(task_manager, selections)
+        if args.limit is not None:
+            samples = None
+        cap_generation(objects, lm.max_length, args.max_new_tokens)
+        start = time.time()
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=objects, task_manager=task_manager, num_fewshot=args.num_fewshot, limit=args.limit,
+            samples=samples, device=device, batch_size=args.batch_size, log_samples=True,
+            apply_chat_template=args.apply_chat_template, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+            bootstrap_iters=args.bootstrap_iters, random_seed=args.seed, numpy_random_seed=args.seed,
+            torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+        )
+        seconds = time.time() - start
+    samples_out = results.pop("samples", None)
+    order = [s.task for s in selections]
+    return {
+        "align": {
+            "model": str(Path(args.model).resolve()), "peft": args.peft, "suite": None if args.tasks else args.suite or "core",
+            "tasks": order, "lm_eval_tasks": len(task_names(objects)), "limit": args.limit, "num_fewshot": args.num_fewshot,
+            "apply_chat_template": args.apply_chat_template, "device": device, "batch_size": args.batch_size,
+            "source": args.source, "seconds": round(seconds, 2), "sandbox_isolation": isolation,
+        },
+        "summary": summarise(results, samples_out, order),
+        "lm_eval": results,
+    }, samples_out if args.log_samples else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.evaluation.pack import PackError
+    from align.runs import write_json
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
+    try:
+        report, samples = evaluate(args)
+    except (EvalError, PackError) as err:
+        print(f"align eval: error: {err}", file=sys.stderr)
+        return 2
+    write_json(out, report)
+    if samples is not None:
+        with out.with_suffix(".samples.jsonl").open("w") as f:
+            for task, rows in samples.items():
+                for row in rows:
+                    f.write(json.dumps({"task": task, **row}, default=str) + "\n")
+    print_summary(report["summary"])
+    print(f"results: {out}")
+    return 0
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(f"\n{'metric':<34} {'value':>10} {'stderr':>9} {'n':>6} {'chance':>7}")
+    for r in rows:
+        value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
+        stderr = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
+        print(f"{r['metric']:<34} {value:>10} {stderr:>9} {r['n'] or '':>6} {chance:>7}")
