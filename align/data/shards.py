@@ -1,0 +1,208 @@
+"""Token shards: documents -> memory-mapped uint16/uint32 files + meta.json, and the deterministic batch loader."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from align.data.corpus import DataError
+from align.runs import read_json
+
+META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Appends token arrays to <split>_000000.bin, <split>_000001.bin, ... of at most shard_tokens tokens each."""
+
+    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self.documents = 0
+        self._file, self._count = None, 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        ids = ids.astype(self.dtype, copy=False)
+        while len(ids):
+            if self._file is None or self._count >= self.shard_tokens:
+                self._roll()
+            take = min(len(ids), self.shard_tokens - self._count)
+            self._file.write(ids[:take].tobytes())
+            self._count += take
+            ids = ids[take:]
+
+    def _roll(self) -> None:
+        self._close_current()
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        self._file, self._count = open(self.out_dir / name, "wb"), 0
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _close_current(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.shards[-1]["tokens"] = self._count
+            self._file = None
+
+    def close(self) -> dict:
+        self._close_current()
+        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_file: str) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_file)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_documents(
+    texts: Iterable[str], tokenizer_file: str, eos_id: int, num_proc: int, batch_size: int = 512
+) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by eos, in input order; num_proc > 1 tokenizes in worker processes."""
+
+    def batches():
+        batch = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    if num_proc <= 1:
+        _init_worker(tokenizer_file)
+        results = map(_encode, batches())
+        pool = None
+    else:
+        # spawn, not fork: the parent may already have used the tokenizer's own thread pool.
+        pool = mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_file,))
+        results = pool.imap(_encode, batches(), chunksize=1)
+    try:
+        for batch in results:
+            for ids in batch:
+                yield np.array(ids + [eos_id], dtype=np.int64)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: {data_dir} holds no prepared shards; run `align prepare-data --config ...`")
+    return read_json(path)
+
+
+class TokenShards:
+    """One split's tokens: memory-mapped shards, checked against meta.json and (optionally) the tokenizer."""
+
+    def __init__(self, data_dir: str | Path, split: str, tokenizer_hash: str | None = None):
+        self.data_dir, self.split = Path(data_dir), split
+        self.meta = read_meta(self.data_dir)
+        if tokenizer_hash is not None and tokenizer_hash != self.meta["tokenizer_hash"]:
+            raise DataError(
+                f"the token shards in {self.data_dir} were made with tokenizer {self.meta['tokenizer_hash']}, but the "
+                f"tokenizer in use is {tokenizer_hash}: token ids would mean different things. Re-run "
+                "`align prepare-data` with this tokenizer (a new data_dir), or train with the tokenizer in "
+                f"{self.data_dir / TOKENIZER_DIR}"
+            )
+        dtype = np.dtype(self.meta["dtype"])
+        self.arrays = []
+        for shard in self.meta["splits"][split]["shards"]:
+            path = self.data_dir / shard["file"]
+            expected = shard["tokens"] * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                found = path.stat().st_size if path.is_file() else "no file"
+                raise DataError(
+                    f"shard {path} is missing or truncated (expected {expected} bytes, found {found}); delete "
+                    f"{self.data_dir} and run `align prepare-data` again"
+                )
+            if shard["tokens"]:
+                self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.tokens = sum(len(a) for a in self.arrays)
+
+
+class BatchLoader:
+    """(x, y) batches that are a pure function of (seed, step, rank).
+
+    A step's global batch is `batch_size` windows of block_size + 1 tokens: sample j of step s is window
+    perm_e[(s * batch_size + j) mod n], e = epoch, perm_e a permutation seeded by (seed, e), so every window is
+    seen once per epoch. Micro-step m on rank r of `world` takes the rows [(m * world + r) * micro, ...), so one
+    process accumulating over k micro-steps and k processes see the same global batch, and a resumed run the
+    same batches as an uninterrupted one. Each epoch shifts the window grid by a seeded offset (< block_size)."""
+
+    def __init__(self, shards: TokenShards, block_size: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.shards, self.T, self.batch_size, self.seed, self.shuffle = shards, block_size, batch_size, seed, shuffle
+        # With shuffling, one block is kept free for the per-epoch offset.
+        usable = [(len(a) - (block_size if shuffle else 1)) // block_size for a in shards.arrays]
+        self.n_windows = int(sum(max(u, 0) for u in usable))
+        if self.n_windows == 0:
+            raise DataError(
+                f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for one window of block_size "
+                f"{block_size} (+1); add data, raise val_fraction, or lower block_size"
+            )
+        self.ends = np.cumsum([max(u, 0) for u in usable])
+        self._epochs: dict[int, tuple[np.ndarray, int]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        """The epoch's window order and grid offset."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 2:
+                self._epochs.pop(min(self._epochs))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epochs[epoch] = (rng.permutation(self.n_windows), int(rng.integers(self.T)))
+        return self._epochs[epoch]
+
+    def window(self, index: int) -> np.ndarray:
+        """The index-th sample of the stream (index = step * batch_size + j)."""
+        epoch, pos = divmod(index, self.n_windows)
+        w, offset = pos, 0
+        if self.shuffle:
+            perm, offset = self._epoch(epoch)
+            w = int(perm[pos])
+        shard = int(np.searchsorted(self.ends, w, side="right"))
+        local = w - (int(self.ends[shard - 1]) if shard else 0)
+        start = offset + local * self.T
+        return np.asarray(self.shards.arrays[shard][start : start + self.T + 1], dtype=np.int64)
+
+    def batch(self, step: int, micro_step: int, micro_batch_size: int, rank: int = 0, world: int = 1,
+              device="cpu"):
+        """(x, y) int64 tensors of shape (micro_batch_size, block_size) on `device`."""
+        import torch
+
+        first = step * self.batch_size + (micro_step * world + rank) * micro_batch_size
+        rows = torch.from_numpy(np.stack([self.window(first + i) for i in range(micro_batch_size)]))
+        x, y = rows[:, :-1], rows[:, 1:]
+        if device != "cpu" and torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def default_num_proc() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) - 1))

