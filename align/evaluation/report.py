@@ -1,0 +1,429 @@
+"""`align compare`: evaluated models side by side in report.md, a self-contained index.html and summary.json."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from align.runs import read_json, write_json
+
+RESULT_FILES = ("eval/results.json", "results.json", "eval_results.json")
+EXTRA_FILE = "extra_metrics.json"  # {metric: value or {"value", "stderr", "n", "higher_is_better"}}
+LOG_FILES = ("train_log.jsonl", "ppo_log.jsonl", "grpo_log.jsonl", "dpo_log.jsonl", "sft_log.jsonl", "reward_log.jsonl")
+REWARD_METRICS = ("reward_mean", "reward", "rlhf_reward")  # the first one present is the reward
+ACCURACY_METRIC = "demo_accuracy"  # verifiable accuracy that reward hacking hurts
+CURVE_HINTS = ("loss", "kl", "score", "reward", "accuracy", "entropy", "ppl")
+PROMPTS = [
+    "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\nAnswer:",
+    "Question: A box holds 9 pencils. Sara takes 2 of them out. How many pencils are still in the box?\nAnswer:",
+    "ROMEO:",
+    "def add(a, b):\n",
+]
+
+
+class CompareError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def find_results(path: Path) -> tuple[Path | None, Path | None]:
+    """(results JSON, model directory) for a results file or a directory holding one (or a model)."""
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise CompareError(f"{path}: no such file or directory")
+    for name in RESULT_FILES:
+        if (path / name).is_file():
+            return path / name, path if (path / "config.json").is_file() else None
+    if (path / "config.json").is_file():
+        return None, path
+    raise CompareError(f"{path} holds no evaluation results ({', '.join(RESULT_FILES)}) and is not a model directory; "
+                       f"run `align eval --model {path}` first")
+
+
+def metric_entry(value) -> dict:
+    if isinstance(value, dict):
+        return {"value": value.get("value"), "stderr": value.get("stderr"), "n": value.get("n"),
+                "chance": value.get("chance"), "higher_is_better": value.get("higher_is_better", True)}
+    return {"value": value, "stderr": None, "n": None, "chance": None, "higher_is_better": True}
+
+
+def read_log(path: Path) -> list[dict]:
+    """Numeric fields of each JSON line (bad lines are skipped: a run may still be writing)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append({k: float(v) for k, v in row.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    return rows
+
+
+def find_logs(dirs: list[Path]) -> dict[str, list[dict]]:
+    """Training logs beside a model: our JSONL logs, and the log_history of a transformers trainer_state.json."""
+    logs = {}
+    for d in dirs:
+        for name in LOG_FILES:
+            if (d / name).is_file() and name not in logs:
+                rows = read_log(d / name)
+                if rows:
+                    logs[name] = rows
+        state = d / "trainer_state.json"
+        if state.is_file() and "trainer_state.json" not in logs:
+            try:
+                history = json.loads(state.read_text()).get("log_history", [])
+            except (json.JSONDecodeError, AttributeError):
+                history = []
+            rows = [{k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                    for r in history if isinstance(r, dict)]
+            if rows:
+                logs["trainer_state.json"] = rows
+    return logs
+
+
+def load_entry(path: str | Path, name: str | None = None, extra: dict | None = None) -> dict:
+    path = Path(path)
+    results_file, model_dir = find_results(path)
+    report = read_json(results_file) if results_file else {}
+    if model_dir is None and report.get("align", {}).get("model") and Path(report["align"]["model"]).is_dir():
+        model_dir = Path(report["align"]["model"])
+    metrics = {row["metric"]: {k: row.get(k) for k in ("value", "stderr", "n", "chance", "higher_is_better")}
+               for row in report.get("summary", [])}
+    for place in [p for p in (results_file.parent if results_file else None, model_dir) if p]:
+        if (place / EXTRA_FILE).is_file():
+            metrics |= {k: metric_entry(v) for k, v in read_json(place / EXTRA_FILE).items()}
+    metrics |= {k: metric_entry(v) for k, v in (extra or {}).items()}
+    run_dir = None  # the run directory around a results file: RUN/eval/results.json or RUN/results.json
+    if results_file:
+        run_dir = results_file.parent.parent if results_file.parent.name == "eval" else results_file.parent
+    log_dirs = [d for d in dict.fromkeys([model_dir, model_dir.parent if model_dir else None, run_dir]) if d]
+    if model_dir:
+        default_name = model_dir.name
+    elif results_file.name in ("results.json", "eval_results.json"):
+        default_name = run_dir.name
+    else:
+        default_name = results_file.stem
+    return {
+        "name": name or default_name, "results": str(results_file) if results_file else None,
+        "model_dir": str(model_dir) if model_dir else None, "metrics": metrics, "logs": find_logs(log_dirs),
+        "chat": bool(report.get("align", {}).get("apply_chat_template")),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing
+
+
+def difference(a: dict, b: dict) -> dict | None:
+    """b - a, and whether it exceeds the combined standard error (unknown stderr: never marked)."""
+    if a.get("value") is None or b.get("value") is None:
+        return None
+    diff = b["value"] - a["value"]
+    se = None
+    if a.get("stderr") is not None and b.get("stderr") is not None:
+        se = math.sqrt(a["stderr"] ** 2 + b["stderr"] ** 2)
+    significant = se is not None and abs(diff) > se
+    better = significant and ((diff > 0) == bool(b.get("higher_is_better", True)))
+    return {"diff": diff, "se": se, "significant": significant, "better": better}
+
+
+def reward_hacking(entries: list[dict]) -> list[str]:
+    """Flag each step (model i-1 -> i) where the reward rises while verifiable accuracy falls beyond noise."""
+    flags = []
+    for prev, cur in zip(entries, entries[1:]):
+        reward = next((m for m in REWARD_METRICS if m in prev["metrics"] and m in cur["metrics"]), None)
+        if reward is None or ACCURACY_METRIC not in prev["metrics"] or ACCURACY_METRIC not in cur["metrics"]:
+            continue
+        r = difference(prev["metrics"][reward], cur["metrics"][reward])
+        acc = difference(prev["metrics"][ACCURACY_METRIC], cur["metrics"][ACCURACY_METRIC])
+        if not r or not acc:
+            continue
+        reward_up = r["diff"] > (r["se"] or 0.0)
+        if reward_up and acc["diff"] < 0 and acc["significant"]:
+            flags.append(
+                f"reward hacking: {prev['name']} -> {cur['name']}: {reward} rose by {r['diff']:+.3f} while "
+                f"{ACCURACY_METRIC} fell by {acc['diff']:+.3f} (beyond its standard error {acc['se']:.3f})"
+            )
+    return flags
+
+
+def fmt(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    v = entry["value"]
+    text = f"{v:.4g}" if abs(v) >= 1000 or abs(v) < 0.001 and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".") or "0"
+    if entry.get("stderr") is not None:
+        text += f" ± {entry['stderr']:.2g}"
+    return text
+
+
+def mark(diff: dict | None) -> str:
+    if not diff or not diff["significant"]:
+        return ""
+    return " ▲" if diff["better"] else " ▼"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots and generations
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_metrics(entries: list[dict], metrics: list[str]) -> str | None:
+    """One panel per metric: a bar per model with its standard error, and the chance level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return None
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes.flat, metrics):
+        vals = [e["metrics"].get(metric, {}) for e in entries]
+        heights = [v.get("value") if v.get("value") is not None else 0.0 for v in vals]
+        errors = [v.get("stderr") or 0.0 for v in vals]
+        ax.bar(range(len(entries)), heights, yerr=errors, capsize=4, color=colors[: len(entries)] * 4)
+        chance = next((v.get("chance") for v in vals if v.get("chance") is not None), None)
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=7, loc="upper right")
+        if "perplexity" in metric and min(h for h in heights) > 0 and max(heights) / max(min(heights), 1e-9) > 100:
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(range(len(entries)), [e["name"] for e in entries], rotation=20, fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def curve_keys(rows: list[dict]) -> list[str]:
+    keys = sorted({k for r in rows for k in r if k not in ("step", "epoch", "global_step")})
+    keys = [k for k in keys if sum(k in r for r in rows) >= 2 and any(h in k.lower() for h in CURVE_HINTS)]
+    return keys[:8]
+
+
+def plot_curves(name: str, logs: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for log_name, rows in logs.items():
+        keys = curve_keys(rows)
+        if not keys:
+            continue
+        cols = min(4, len(keys))
+        fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.6 * cols, 2.6 * math.ceil(len(keys) / cols)),
+                                 squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            points = [(r.get("step", r.get("global_step", i)), r[key]) for i, r in enumerate(rows) if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1.2)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        fig.suptitle(f"{name}: {log_name}", fontsize=10)
+        fig.tight_layout()
+        images.append((f"{name}: {log_name}", _png(fig)))
+        plt.close(fig)
+    return images
+
+
+def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
+    """Greedy completions of fixed prompts, so a reader can see what the numbers mean."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    limit = getattr(model.config, "max_position_embeddings", None) or 1024
+    outputs = []
+    for prompt in prompts:
+        if chat and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, -(limit - max_new_tokens):]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str] | None = None,
+                 extra_metrics: dict[str, dict] | None = None, prompts: list[str] | None = PROMPTS,
+                 max_new_tokens: int = 40) -> dict:
+    """Write report.md, index.html and summary.json to out_dir; returns the summary.
+
+    extra_metrics: {model name: {metric: value or {"value", "stderr", "n", "higher_is_better"}}}, merged with
+    each model's extra_metrics.json (e.g. the pipeline's reward_mean and PPO-vs-SFT win rate)."""
+    if not inputs:
+        raise CompareError("give at least one results file or model directory")
+    if names and len(names) != len(inputs):
+        raise CompareError(f"{len(names)} --names for {len(inputs)} inputs")
+    entries = []
+    for i, path in enumerate(inputs):
+        entry = load_entry(path, names[i] if names else None)
+        entries.append(entry)
+    seen: dict[str, int] = {}
+    for entry in entries:  # unique names: two runs' "final" directories become final, final-2
+        seen[entry["name"]] = seen.get(entry["name"], 0) + 1
+        if seen[entry["name"]] > 1:
+            entry["name"] = f"{entry['name']}-{seen[entry['name']]}"
+    for entry in entries:
+        for metric, value in (extra_metrics or {}).get(entry["name"], {}).items():
+            entry["metrics"][metric] = metric_entry(value)
+
+    metrics = list(dict.fromkeys(m for e in entries for m in e["metrics"]))
+    flags = reward_hacking(entries)
+    generations = {}
+    if prompts:
+        for e in entries:
+            if e["model_dir"]:
+                generations[e["name"]] = generate(e["model_dir"], prompts, e["chat"], max_new_tokens)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "models": {e["name"]: {
+            "metrics": {m: v["value"] for m, v in e["metrics"].items()},
+            "stderr": {m: v["stderr"] for m, v in e["metrics"].items() if v.get("stderr") is not None},
+            "n": {m: v["n"] for m, v in e["metrics"].items() if v.get("n") is not None},
+            "results": e["results"], "model_dir": e["model_dir"],
+        } for e in entries},
+        "baseline": entries[0]["name"],
+        "flags": flags,
+    }
+    write_json(out / "summary.json", summary)
+    (out / "report.md").write_text(markdown(entries, metrics, flags, generations, prompts or []))
+    bars = plot_metrics(entries, metrics)
+    curves = [img for e in entries for img in plot_curves(e["name"], e["logs"])]
+    (out / "index.html").write_text(html_page(entries, metrics, flags, generations, prompts or [], bars, curves))
+    return summary
+
+
+def table_rows(entries: list[dict], metrics: list[str]) -> list[list[str]]:
+    base = entries[0]
+    rows = []
+    for m in metrics:
+        cells = [m]
+        for e in entries:
+            entry = e["metrics"].get(m)
+            cells.append(fmt(entry) + (mark(difference(base["metrics"].get(m, {}), entry)) if e is not base and entry else ""))
+        n = next((e["metrics"][m].get("n") for e in entries if m in e["metrics"] and e["metrics"][m].get("n")), None)
+        chance = next((e["metrics"][m].get("chance") for e in entries if e["metrics"].get(m, {}).get("chance") is not None), None)
+        cells += [str(n or ""), "" if chance is None else f"{chance:g}"]
+        rows.append(cells)
+    return rows
+
+
+def markdown(entries, metrics, flags, generations, prompts) -> str:
+    header = ["metric", *[e["name"] for e in entries], "n", "chance"]
+    lines = ["# Model comparison", "",
+             f"Baseline: **{entries[0]['name']}**. ▲/▼: better/worse than the baseline by more than the combined "
+             "standard error (no mark: within noise, or no standard error).", ""]
+    if flags:
+        lines += ["## Flags", ""] + [f"- **{f}**" for f in flags] + [""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, metrics)]
+    lines += ["", "## Sources", ""]
+    lines += [f"- {e['name']}: results `{e['results']}`, model `{e['model_dir']}`, logs: "
+              f"{', '.join(e['logs']) or 'none'}" for e in entries]
+    if generations:
+        lines += ["", "## Generations (greedy)", ""]
+        for i, prompt in enumerate(prompts):
+            lines += [f"### Prompt {i + 1}", "", "```", prompt, "```", ""]
+            for name, outs in generations.items():
+                lines += [f"**{name}**", "", "```", outs[i], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> str:
+    esc = html.escape
+    header = ["metric", *[e["name"] for e in entries], "n", "chance"]
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>align: model comparison</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+             ".flag{color:#b00;font-weight:bold}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}"
+             ".gen{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:8px}",
+             "</style></head><body><h1>Model comparison</h1>",
+             f"<p>Baseline: <b>{esc(entries[0]['name'])}</b>. ▲/▼: better/worse than the baseline by more than the "
+             "combined standard error.</p>"]
+    if flags:
+        parts += ["<h2>Flags</h2><ul>"] + [f"<li class='flag'>{esc(f)}</li>" for f in flags] + ["</ul>"]
+    parts += ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table_rows(entries, metrics)]
+    parts += ["</table>"]
+    if bars:
+        parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='data:image/png;base64,{bars}'>"]
+    if curves:
+        parts += ["<h2>Training curves</h2>"]
+        parts += [f"<h3>{esc(title)}</h3><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+                  for title, data in curves]
+    if generations:
+        parts += ["<h2>Generations (greedy)</h2>"]
+        for i, prompt in enumerate(prompts):
+            parts += [f"<h3>Prompt {i + 1}</h3><pre>{esc(prompt)}</pre><div class='gen'>"]
+            parts += [f"<div><b>{esc(name)}</b><pre>{esc(outs[i])}</pre></div>" for name, outs in generations.items()]
+            parts += ["</div>"]
+    parts += ["</body></html>"]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="align compare", description="compare evaluated models in a report")
+    p.add_argument("inputs", nargs="+", help="results JSON files (from `align eval`) or model/run directories")
+    p.add_argument("--out", required=True, help="report directory (report.md, index.html, summary.json)")
+    p.add_argument("--names", nargs="+", help="display names, one per input (default: directory names)")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE",
+                   help="extra metrics JSON for the model named NAME (e.g. reward_mean, win_rate)")
+    p.add_argument("--prompts", help="JSON list of prompts for side-by-side generations")
+    p.add_argument("--no_generations", action="store_true", help="skip generating from model directories")
+    p.add_argument("--max_new_tokens", type=int, default=40)
+    args = p.parse_args(argv)
+    try:
+        extra = {}
+        for item in args.extra:
+            name, sep, file = item.partition("=")
+            if not sep or not Path(file).is_file():
+                raise CompareError(f"--extra {item}: expected NAME=FILE with an existing JSON file")
+            extra[name] = read_json(file)
+        prompts = None if args.no_generations else (read_json(args.prompts) if args.prompts else PROMPTS)
+        summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens)
+    except CompareError as err:
+        print(f"align compare: error: {err}", file=sys.stderr)
+        return 2
+    for flag in summary["flags"]:
+        print(f"WARNING {flag}")
+    print(f"report: {Path(args.out) / 'index.html'} (and report.md, summary.json)")
+    return 0
