@@ -138,6 +138,18 @@ def wrong_answer(problem: Problem, rng: random.Random) -> str:
     return problem.worked(op=rng.choice(other_ops))  # wrong operation
 
 
+def wrong_answers(problem: Problem, rng: random.Random, n: int) -> list[str]:
+    """n distinct wrong worked answers (fewer only if the problem has fewer plausible ones)."""
+    out = [wrong_answer(problem, rng)]
+    for _ in range(20 * (n - 1)):
+        if len(out) >= n:
+            break
+        candidate = wrong_answer(problem, rng)
+        if candidate not in out:
+            out.append(candidate)
+    return out
+
+
 def pretraining_documents(n: int, seed: int) -> list[str]:
     """n short documents of arithmetic text for the pretraining corpus: worked word problems in the
     "Question: ... Answer: ..." format and bare equations. Held-out questions never appear."""
@@ -157,11 +169,13 @@ def pretraining_documents(n: int, seed: int) -> list[str]:
     return docs
 
 
-def demo_splits(seed: int, n_sft: int, n_preference: int, n_prompts: int, n_heldout: int) -> dict[str, list[dict]]:
+def demo_splits(seed: int, n_sft: int, n_preference: int, n_prompts: int, n_heldout: int,
+                n_rejected: int = 1) -> dict[str, list[dict]]:
     """The demo's datasets in the formats TRL reads, with disjoint question texts between splits.
 
-    sft: conversational prompt/completion; preferences: prompt/chosen/rejected; prompts: prompt + answer (for
-    PPO and GRPO); heldout: GSM8K's schema (question, answer ending in "#### N") for evaluation only."""
+    sft: conversational prompt/completion; preferences: prompt/chosen/rejected, `n_rejected` pairs per question with
+    distinct wrong answers; prompts: prompt + answer (for PPO and GRPO); heldout: GSM8K's schema (question, answer
+    ending in "#### N") for evaluation only."""
     rng = random.Random(seed)
     train = sample_problems(n_sft + n_preference + n_prompts, rng, heldout=False)
     sft, pref, prompts = train[:n_sft], train[n_sft : n_sft + n_preference], train[n_sft + n_preference :]
@@ -176,8 +190,9 @@ def demo_splits(seed: int, n_sft: int, n_preference: int, n_prompts: int, n_held
     return {
         "sft": [{"prompt": user(p), "completion": assistant(p.worked())} for p in sft],
         "preferences": [
-            {"prompt": user(p), "chosen": assistant(p.worked()), "rejected": assistant(wrong_answer(p, rng))}
+            {"prompt": user(p), "chosen": assistant(p.worked()), "rejected": assistant(wrong)}
             for p in pref
+            for wrong in wrong_answers(p, rng, n_rejected)
         ],
         "prompts": [{"prompt": user(p), "answer": str(p.answer)} for p in prompts],
         "heldout": [{"question": p.question, "answer": p.worked()} for p in heldout],
@@ -196,7 +211,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def write_demo_data(out_dir: str | Path, seed: int = 0, n_sft: int = 6000, n_preference: int = 4000,
-                    n_prompts: int = 2000, n_heldout: int = 400) -> dict[str, Path]:
+                    n_prompts: int = 2000, n_heldout: int = 400, n_rejected: int = 1) -> dict[str, Path]:
     """Write sft.jsonl, preferences.jsonl, prompts.jsonl and heldout.jsonl into out_dir; returns their paths."""
-    splits = demo_splits(seed, n_sft, n_preference, n_prompts, n_heldout)
+    splits = demo_splits(seed, n_sft, n_preference, n_prompts, n_heldout, n_rejected)
     return {name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()}

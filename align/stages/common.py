@@ -1,0 +1,492 @@
+"""What every stage shares: recipe parsing, run directories, models and tokenizers, data, guards and saving."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import TrainerCallback
+
+from align.data import tasks
+from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
+from align.hardware import bf16_supported, device_type, hardware_defaults
+from align.recipe import parse_recipe, save_recipe
+from align.runs import prepare_output_dir, write_json
+
+DEMO = "demo"
+
+
+class StageError(ValueError):
+    """A problem the user can fix (model, tokenizer, configuration); the message says what to do."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run is stopped before anything broken is saved."""
+
+
+USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NonFiniteLossError)
+
+
+def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
+    """Parse the recipe and run a stage; errors a user can fix end the program with their message, no traceback."""
+    try:
+        run(*parse_stage_args(dataclass_types, argv))
+    except USER_ERRORS as e:
+        raise SystemExit(f"align {stage}: error: {e}") from e
+    return 0
+DEMO_FILES = {"sft": "sft.jsonl", "preference": "preferences.jsonl", "prompt": "prompts.jsonl"}
+
+
+@dataclass
+class DataArguments:
+    """Where a stage's data comes from and how strictly it is checked; shared by every stage's recipe."""
+
+    dataset_name: str = field(
+        default=DEMO,
+        metadata={"help": "'demo' (writes the embedded demo data to data_dir and reads the stage's file), a local "
+                          ".jsonl/.json/.parquet file or a directory of them, or a Hugging Face dataset name"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
+    dataset_train_split: str = field(default="train", metadata={"help": "split to train on (hub or directory)"})
+    dataset_test_split: str | None = field(
+        default=None,
+        metadata={"help": "split to evaluate on (hub or directory), or for a local file the path of an eval file"},
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "without a test split, hold out this fraction of the training prompts (chosen by a hash "
+                          "of the prompt, so every row of one prompt lands on the same side) for evaluation"},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "demo data directory (default: <output_dir>/../data)"})
+    demo_seed: int = field(default=0, metadata={"help": "seed of the demo data generator"})
+    demo_n_sft: int = field(default=6000, metadata={"help": "demo SFT conversations"})
+    demo_n_preference: int = field(default=4000, metadata={"help": "demo questions with preference pairs"})
+    demo_n_rejected: int = field(default=2, metadata={"help": "demo pairs per preference question (distinct wrong answers)"})
+    demo_n_prompts: int = field(default=2000, metadata={"help": "demo PPO/GRPO prompts"})
+    demo_n_heldout: int = field(default=400, metadata={"help": "demo held-out questions (never trained on)"})
+    max_dropped_fraction: float = field(
+        default=0.05, metadata={"help": "fail when validation drops more than this fraction of a dataset's rows"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing output_dir (the old one is kept as <dir>.old-<time>)"}
+    )
+    merge_lora: bool = field(
+        default=True, metadata={"help": "with use_peft, save the merged model (loads anywhere) instead of the adapter"}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes and run directories
+
+
+def hardware_flags() -> list[str]:
+    """Command-line defaults for the machine, placed before the user's own flags so those still win.
+
+    TRL configs default to bf16=True and transformers refuses that on a CPU while parsing, before
+    `hardware_defaults` could fix it, so the machine's choice has to go in with the arguments."""
+    if device_type() == "cpu":
+        return ["--use_cpu", "true", "--bf16", "false"]
+    if not bf16_supported():
+        return ["--bf16", "false"]
+    return []
+
+
+def parse_stage_args(dataclass_types, argv: list[str] | None):
+    """Parse a stage recipe (YAML + overrides) and apply the machine's defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configs = parse_recipe(dataclass_types, hardware_flags() + argv)
+    for config in configs:
+        if hasattr(config, "use_cpu"):
+            hardware_defaults(config)
+            # The non-finite-loss guard has to see raw losses; transformers would otherwise log a window average.
+            config.logging_nan_inf_filter = False
+    return configs
+
+
+def start_run(training_args, data_args) -> Path:
+    """Check and create output_dir: every rank refuses a finished run first, then the main process prepares it."""
+    out = Path(training_args.output_dir)
+    resume = bool(training_args.resume_from_checkpoint)
+    if out.is_dir() and any(out.iterdir()) and not (resume or data_args.overwrite):
+        raise FileExistsError(
+            f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
+            "directory is kept as a backup), --resume_from_checkpoint true to continue it, or choose another "
+            "--output_dir"
+        )
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume)
+    state.wait_for_everyone()
+    return out
+
+
+def resume_arg(training_args):
+    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir; anything else is a path."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    return True if str(value).lower() in ("true", "last", "latest") else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+
+def check_model_dir(path: str | None, what: str, argument: str, kind: str = "causal") -> str:
+    """Refuse a path that is not a model of the expected kind, with a message saying what to pass instead.
+
+    kind "causal": a causal LM (its config names a *ForCausalLM or *LMHeadModel class); "reward": a sequence
+    classifier with one label (what `align reward` writes)."""
+    from transformers import AutoConfig
+
+    if not path:
+        raise StageError(f"no {what} given: pass --{argument} DIR")
+    local = Path(path)
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise FileNotFoundError(f"{what} {path} does not exist (--{argument}); pass a Hugging Face model directory")
+    if local.is_dir() and not (local / "config.json").is_file():
+        hint = ("it looks like a pretraining checkpoint: export it with `align export CKPT --out DIR` first"
+                if (local / "gpt_config.json").is_file() else "pass the directory a stage or `align export` wrote")
+        raise FileNotFoundError(f"{what} {path} has no config.json, so it is not a Hugging Face model; {hint}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not read the {what} config from {path} (--{argument}): {e}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if kind == "causal":
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            raise StageError(f"{what} {path} is a sequence classifier ({archs[0]}), not a causal LM; pass the SFT or "
+                             f"base model directory as --{argument}")
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
+            not archs and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING)
+        if not causal:
+            raise StageError(f"{what} {path} is not a causal language model (architectures: {archs or 'none'}, "
+                             f"model_type {config.model_type!r}); pass a *ForCausalLM checkpoint as --{argument}")
+    else:
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or getattr(config, "num_labels", 0) != 1:
+            raise StageError(f"{what} {path} is not a reward model (architectures: {archs or 'none'}, num_labels="
+                             f"{getattr(config, 'num_labels', None)}); pass the directory `align reward` wrote as "
+                             f"--{argument}")
+    return path
+
+
+def model_kwargs(model_args) -> dict:
+    """from_pretrained keyword arguments from TRL's ModelConfig (fp32 weights unless a dtype is asked for)."""
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise StageError("load_in_4bit / load_in_8bit are not supported by align's stages; use use_peft without them")
+    dtype = model_args.dtype
+    kwargs = {"dtype": torch.float32 if dtype in (None, "float32") else dtype if dtype == "auto" else getattr(torch, dtype)}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_revision and model_args.model_revision != "main":
+        kwargs["revision"] = model_args.model_revision
+    return kwargs
+
+
+def load_tokenizer(path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+
+
+def add_missing_tokens(tokenizer) -> list[int]:
+    """Give a tokenizer what the stages need: eos, a pad token distinct from eos, and the toolkit's chat template
+    (with its role tokens) when it has none. Returns the ids of tokens added to the vocabulary."""
+    from align.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS
+
+    before = len(tokenizer)
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
+        print(f"[align] the tokenizer has no eos token: added {EOS_TOKEN}")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        print(f"[align] the tokenizer has no pad token distinct from eos: added {PAD_TOKEN} (PPO masks by pad id)")
+    if not tokenizer.chat_template:
+        roles = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
+        if roles:
+            tokenizer.add_special_tokens({"extra_special_tokens": roles}, replace_extra_special_tokens=False)
+        # The toolkit's template with this tokenizer's own eos closing each assistant turn.
+        tokenizer.chat_template = CHAT_TEMPLATE.replace(EOS_TOKEN, tokenizer.eos_token)
+        print("[align] the tokenizer has no chat template: using align's (<|user|> ... <|assistant|> ... eos)")
+    return list(range(before, len(tokenizer)))
+
+
+def fit_model_to_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings when tokens were added and write the tokenizer's special ids into the configs."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, key)
+        if value is not None or key != "bos_token_id":
+            setattr(model.config, key, value)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                setattr(model.generation_config, key, value)
+
+
+def require_pad(tokenizer, path: str, stage: str) -> None:
+    """Stages after SFT need the pad token SFT gave the model; a missing or eos pad is refused, not patched,
+    because the policy and reward model must keep identical tokenizers."""
+    if tokenizer.pad_token_id is None:
+        raise StageError(f"{stage}: the tokenizer in {path} has no pad token; run `align sft` on the base model first "
+                         "(it adds <|pad|>) or add a pad token distinct from eos to the tokenizer")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise StageError(f"{stage}: the tokenizer in {path} uses the eos token {tokenizer.eos_token!r} as pad; PPO "
+                         "masks padding by pad id and would drop every eos, so the reward would be read at the wrong "
+                         "token. Run `align sft` on the base model (it adds <|pad|>) or set a distinct pad token")
+    if not tokenizer.chat_template:
+        warnings.warn(f"{stage}: the tokenizer in {path} has no chat template; conversational data will fail")
+
+
+def assistant_turn_ends_with_eos(tokenizer) -> bool:
+    """Whether the chat template closes an assistant turn with eos, where the reward model and PPO read the score."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
+    return text.rstrip().endswith(tokenizer.eos_token)
+
+
+def peft_config_for(model_args, added_tokens: list[int] | None = None, task_type: str | None = None):
+    """TRL's LoRA config from ModelConfig (None without use_peft); tokens added to the vocabulary stay trainable."""
+    from trl import get_peft_config
+
+    if task_type:
+        model_args.lora_task_type = task_type
+    config = get_peft_config(model_args)
+    if config is not None and added_tokens:
+        config.trainable_token_indices = list(added_tokens)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def demo_data_dir(data_args, training_args) -> Path:
+    return Path(data_args.data_dir) if data_args.data_dir else Path(training_args.output_dir).resolve().parent / "data"
+
+
+def ensure_demo_data(data_args, training_args) -> Path:
+    """Write the embedded demo data once per data_dir; later stages reuse it (and refuse different settings)."""
+    data_dir = demo_data_dir(data_args, training_args)
+    params = {"seed": data_args.demo_seed, "n_sft": data_args.demo_n_sft, "n_preference": data_args.demo_n_preference,
+              "n_prompts": data_args.demo_n_prompts, "n_heldout": data_args.demo_n_heldout,
+              "n_rejected": data_args.demo_n_rejected}
+    marker = data_dir / "demo.json"
+    with PartialState().main_process_first():  # (PPOConfig shadows the world_size main_process_first needs)
+        if marker.is_file():
+            existing = json.loads(marker.read_text())
+            if existing != params:
+                raise DataError(f"{data_dir} holds demo data made with {existing}, but this recipe asks for {params}; "
+                                "use the same demo_* settings in every stage of a run, or another --data_dir")
+        elif PartialState().is_main_process:
+            tasks.write_demo_data(data_dir, **params)
+            write_json(marker, params)
+            print(f"[align] wrote the demo data to {data_dir} (sft, preferences, prompts, heldout .jsonl)")
+    return data_dir
+
+
+def _local_split(path: Path, split: str) -> Path | None:
+    for suffix in DATA_SUFFIXES:
+        candidate = path / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_records(data_args, training_args, kind: str):
+    """Train and eval records (each row with the file and line it came from) and the name of their source."""
+    if data_args.dataset_name == DEMO:
+        path = ensure_demo_data(data_args, training_args) / DEMO_FILES[kind]
+        return read_records(path), None, str(path)
+    local = Path(data_args.dataset_name)
+    if local.is_file():
+        test = data_args.dataset_test_split
+        if test and not Path(test).is_file():
+            raise DataError(f"--dataset_test_split {test}: for a local data file it must name an eval data file")
+        return read_records(local), read_records(test) if test else None, str(local)
+    if local.is_dir():
+        train = _local_split(local, data_args.dataset_train_split)
+        if train is None:
+            raise DataError(f"{local} has no {data_args.dataset_train_split}{{{','.join(DATA_SUFFIXES)}}} file; name "
+                            "a data file directly or pass --dataset_train_split NAME")
+        test = data_args.dataset_test_split and _local_split(local, data_args.dataset_test_split)
+        if data_args.dataset_test_split and test is None:
+            raise DataError(f"{local} has no {data_args.dataset_test_split} data file (--dataset_test_split)")
+        return read_records(train), read_records(test) if test else None, str(train)
+    if local.suffix in DATA_SUFFIXES or str(local).startswith((".", "/", "~")):
+        raise DataError(f"data file {local} not found (--dataset_name)")
+    return _hub_records(data_args)
+
+
+def _hub_records(data_args):
+    from datasets import load_dataset
+
+    name = data_args.dataset_name
+
+    def split(split_name):
+        try:
+            ds = load_dataset(name, data_args.dataset_config, split=split_name)
+        except Exception as e:  # offline, unknown name or split: datasets raises many kinds
+            raise DataError(f"could not load the Hugging Face dataset {name!r} split {split_name!r}: {e}\n(no "
+                            "network? pass a local .jsonl/.parquet file or directory as --dataset_name)") from e
+        return dataset_records(ds, f"{name}[{split_name}]")
+
+    test = split(data_args.dataset_test_split) if data_args.dataset_test_split else None
+    return split(data_args.dataset_train_split), test, f"{name}[{data_args.dataset_train_split}]"
+
+
+def _prompt_key(row: dict) -> str:
+    return json.dumps(row.get("prompt", row.get("messages", [])[:1]), sort_keys=True)
+
+
+def split_eval(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hold out about `fraction` of the prompts (all rows of a prompt together) by a hash of the prompt."""
+    import hashlib
+
+    if fraction <= 0:
+        return rows, []
+    train, held = [], []
+    for row in rows:
+        bucket = int.from_bytes(hashlib.sha256(_prompt_key(row).encode()).digest()[:4], "big") / 2**32
+        (held if bucket < fraction else train).append(row)
+    return train, held
+
+
+def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=None, **checks):
+    """Read, validate and split a stage's data; saves data_report.json; returns (train rows, eval rows)."""
+    train_records, eval_records, source = load_records(data_args, training_args, kind)
+    train, train_report = validate(train_records, kind, source, tokenizer=tokenizer, **checks)
+    reports: dict[str, DataReport] = {"train": train_report}
+    if eval_records is not None:
+        evaluation, reports["eval"] = validate(eval_records, kind, f"{source} (eval)", tokenizer=tokenizer, **checks)
+    else:
+        train, evaluation = split_eval(train, data_args.eval_fraction)
+    state = PartialState()
+    if state.is_main_process:
+        summary = {name: r.as_dict() for name, r in reports.items()}
+        summary["rows"] = {"train": len(train), "eval": len(evaluation)}
+        write_json(out / "data_report.json", summary)
+    for report in reports.values():
+        if state.is_main_process or report.kept == 0:
+            enforce(report, data_args.max_dropped_fraction)
+        else:
+            enforce_quietly(report, data_args.max_dropped_fraction)
+    if data_args.eval_fraction > 0 and eval_records is None and not evaluation:
+        raise DataError(f"{source}: eval_fraction={data_args.eval_fraction} held out no rows; raise it or add rows")
+    return train, evaluation
+
+
+def enforce_quietly(report: DataReport, max_dropped_fraction: float) -> None:
+    """Same decision as `enforce` on the other ranks, without printing the report twice."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        enforce(report, max_dropped_fraction)
+
+
+def to_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guards and logs
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training with a clear message as soon as a logged loss (or PPO objective) is NaN or infinite."""
+
+    KEYS = ("loss", "grad_norm", "eval_loss", "loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores")
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.KEYS:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{self.stage}: {key} is {value} at step {state.global_step}; training stopped and no model was "
+                    f"saved to {args.output_dir}. Lower learning_rate, check the data (data_report.json) and, for "
+                    "PPO, the reward model's scores; then start again with --overwrite true"
+                )
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every logged step (step, epoch or episode, metrics) to a JSONL file in output_dir (main process)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_model(trainer, model, tokenizer, out: Path, merge_lora: bool) -> None:
+    """Write `model` (unwrapped) as an HF directory: weights, config with pad/eos ids, generation_config and the
+    tokenizer with its chat template. A LoRA adapter is merged into the model unless merge_lora is off."""
+    from peft import PeftModel
+
+    state = PartialState()
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if isinstance(model, PeftModel) and merge_lora and sharded:
+        warnings.warn("merge_lora under DeepSpeed/FSDP is not supported: saving the LoRA adapter instead")
+    if isinstance(model, PeftModel) and merge_lora and not sharded:
+        model = model.merge_and_unload()
+    fit_model_to_tokenizer(model.get_base_model() if isinstance(model, PeftModel) else model, tokenizer)
+    if sharded:
+        trainer.save_model(str(out))  # gathers the sharded weights
+    elif state.is_main_process:
+        model.save_pretrained(out, safe_serialization=True)
+    if state.is_main_process:
+        tokenizer.save_pretrained(out)
+    state.wait_for_everyone()
+
+
+def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, dataset: str) -> None:
+    """metrics.json, the resolved recipe.yaml and a short model card, written by the main process."""
+    if not PartialState().is_main_process:
+        return
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    write_json(out / "metrics.json", {"stage": stage, **metrics})
+    save_recipe(out, *configs)
+    shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss", "objective/"))}
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
+    (out / "README.md").write_text(f"""---
+library_name: transformers
+tags: [align, {stage}, trl]
+---
+# {stage.upper()} model trained by align
+
+Stage `{stage}` (TRL) from `{base}` on `{dataset}`. The resolved recipe is in `recipe.yaml`, every final metric in
+`metrics.json`, what data validation kept or dropped in `data_report.json`.
+
+| metric | value |
+|---|---|
+{rows}
+
+```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")
+print(generate([{{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"}}])[0]["generated_text"])
+```
+""")
+    print(f"[align] {stage}: wrote {out} (model, tokenizer, metrics.json, recipe.yaml)")

@@ -1,0 +1,73 @@
+"""Direct preference optimisation with TRL's DPOTrainer, from the SFT model on the reward stage's preference pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from align.stages.common import (
+    DataArguments,
+    JsonlLogger,
+    NonFiniteGuard,
+    add_missing_tokens,
+    check_model_dir,
+    finish_run,
+    fit_model_to_tokenizer,
+    load_stage_data,
+    load_tokenizer,
+    model_kwargs,
+    peft_config_for,
+    resume_arg,
+    save_model,
+    stage_main,
+    start_run,
+    to_dataset,
+)
+
+
+@dataclass
+class DPOArguments(DataArguments):
+    """Data and output options of `align dpo` (the trainer's own options are DPOConfig's)."""
+
+
+def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_args: ModelConfig):
+    """The DPOTrainer for a recipe (reference = a frozen copy of the start model, or the adapter disabled under
+    LoRA), with the output directory prepared; returns (trainer, output_dir)."""
+    from transformers import AutoModelForCausalLM
+
+    out = start_run(training_args, script_args)
+    path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")
+    tokenizer = load_tokenizer(path)
+    added = add_missing_tokens(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
+    fit_model_to_tokenizer(model, tokenizer)
+    train, evaluation = load_stage_data(script_args, training_args, "preference", out, tokenizer,
+                                        max_length=training_args.max_length, long_rows="truncate")
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=training_args,
+        train_dataset=to_dataset(train),
+        eval_dataset=to_dataset(evaluation) if evaluation else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(model_args, added),
+        callbacks=[NonFiniteGuard("dpo"), JsonlLogger(out / "log.jsonl")],
+    )
+    return trainer, out
+
+
+def run(script_args: DPOArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
+    trainer, out = build_trainer(script_args, training_args, model_args)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())  # eval_rewards/accuracies: implicit-reward pairwise accuracy
+    save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
+               script_args.merge_lora)
+    finish_run(out, "dpo", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,
+               script_args.dataset_name)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("dpo", run, (DPOArguments, DPOConfig, ModelConfig), argv)

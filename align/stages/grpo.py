@@ -1,0 +1,82 @@
+"""GRPO with TRL's GRPOTrainer and a verifiable reward: 1 when the answer after "####" is the right number."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
+
+from align.data.tasks import is_correct
+from align.stages.common import (
+    DataArguments,
+    JsonlLogger,
+    NonFiniteGuard,
+    add_missing_tokens,
+    check_model_dir,
+    finish_run,
+    fit_model_to_tokenizer,
+    load_stage_data,
+    load_tokenizer,
+    model_kwargs,
+    peft_config_for,
+    resume_arg,
+    save_model,
+    stage_main,
+    start_run,
+    to_dataset,
+)
+
+
+@dataclass
+class GRPOArguments(DataArguments):
+    """Data and output options of `align grpo`; the data needs 'prompt' and 'answer' (the number after ####)."""
+
+
+def exact_answer_reward(completions, answer, **kwargs) -> list[float]:
+    """GSM8K-style exact match: 1.0 when the number after the last "####" equals the answer, else 0.0."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(is_correct(text, str(a))) for text, a in zip(texts, answer, strict=True)]
+
+
+def build_trainer(script_args: GRPOArguments, training_args: GRPOConfig, model_args: ModelConfig):
+    """The GRPOTrainer for a recipe (generation with model.generate: no vLLM needed), with the output directory
+    prepared; returns (trainer, output_dir)."""
+    from transformers import AutoModelForCausalLM
+
+    out = start_run(training_args, script_args)
+    path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")
+    tokenizer = load_tokenizer(path)
+    added = add_missing_tokens(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
+    fit_model_to_tokenizer(model, tokenizer)
+    train, evaluation = load_stage_data(script_args, training_args, "prompt", out, tokenizer,
+                                        extra_columns=("answer",))
+    for row in train + evaluation:
+        row["answer"] = str(row["answer"])  # numbers or strings in the file; compared as text
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[exact_answer_reward],
+        args=training_args,
+        train_dataset=to_dataset(train),
+        eval_dataset=to_dataset(evaluation) if evaluation else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(model_args, added),
+        callbacks=[NonFiniteGuard("grpo"), JsonlLogger(out / "log.jsonl")],
+    )
+    return trainer, out
+
+
+def run(script_args: GRPOArguments, training_args: GRPOConfig, model_args: ModelConfig) -> dict:
+    trainer, out = build_trainer(script_args, training_args, model_args)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
+               script_args.merge_lora)
+    finish_run(out, "grpo", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,
+               script_args.dataset_name)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("grpo", run, (GRPOArguments, GRPOConfig, ModelConfig), argv)

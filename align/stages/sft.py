@@ -1,0 +1,82 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: chat data, loss on the assistant's tokens only, packing, LoRA."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from align.stages.common import (
+    DataArguments,
+    JsonlLogger,
+    NonFiniteGuard,
+    add_missing_tokens,
+    assistant_turn_ends_with_eos,
+    check_model_dir,
+    finish_run,
+    fit_model_to_tokenizer,
+    load_stage_data,
+    load_tokenizer,
+    model_kwargs,
+    peft_config_for,
+    resume_arg,
+    save_model,
+    stage_main,
+    start_run,
+    to_dataset,
+)
+
+
+@dataclass
+class SFTArguments(DataArguments):
+    """Data and output options of `align sft` (the trainer's own options are SFTConfig's)."""
+
+
+def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_args: ModelConfig):
+    """The SFTTrainer for a recipe, with the output directory prepared; returns (trainer, output_dir)."""
+    from transformers import AutoModelForCausalLM
+
+    out = start_run(training_args, script_args)
+    path = check_model_dir(model_args.model_name_or_path, "base model", "model_name_or_path")
+    tokenizer = load_tokenizer(path)
+    added = add_missing_tokens(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
+    fit_model_to_tokenizer(model, tokenizer)
+    if not assistant_turn_ends_with_eos(tokenizer):
+        warnings.warn("the chat template does not end assistant turns with eos: the model will not learn to stop "
+                      "where the reward model and PPO expect it")
+
+    train, evaluation = load_stage_data(script_args, training_args, "sft", out, tokenizer,
+                                        max_length=training_args.max_length, long_rows="truncate")
+    # Loss on what the assistant says only, set explicitly: TRL's default depends on the columns it sees.
+    if "messages" in train[0]:
+        training_args.assistant_only_loss = True
+    else:
+        training_args.completion_only_loss = True
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=to_dataset(train),
+        eval_dataset=to_dataset(evaluation) if evaluation else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(model_args, added),
+        callbacks=[NonFiniteGuard("sft"), JsonlLogger(out / "log.jsonl")],
+    )
+    return trainer, out
+
+
+def run(script_args: SFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    trainer, out = build_trainer(script_args, training_args, model_args)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
+               script_args.merge_lora)
+    finish_run(out, "sft", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,
+               script_args.dataset_name)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("sft", run, (SFTArguments, SFTConfig, ModelConfig), argv)

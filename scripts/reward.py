@@ -1,0 +1,8 @@
+"""Reward model training: accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/reward.py --config recipes/PRESET/reward.yaml"""
+
+import sys
+
+from align.stages.reward import main
+
+if __name__ == "__main__":
+    sys.exit(main())
