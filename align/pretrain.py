@@ -1,0 +1,515 @@
+"""Pretraining: the from-scratch GPT on token shards, one linear loop under Accelerate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data.corpus import DataError
+from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
+from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards
+from align.hardware import bf16_supported, device_type
+from align.model.config import PRESETS, GPTConfig, preset
+from align.model.gpt import GPT
+from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
+from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
+from align.runs import prepare_output_dir, write_json
+
+LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"
+SIGTERM_EXIT = 128 + signal.SIGTERM
+VAL_SEED = 1234
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices use a matmul peak measured at startup.
+GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+                 "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "run directory (logs, checkpoints, hf/)"})
+    model: str = field(default="tiny", metadata={"help": f"preset {sorted(PRESETS)} or a gpt_config.json path"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "continue from an HF model directory (Llama/GPT-2) or an align checkpoint"}
+    )
+    block_size: int = field(default=128, metadata={"help": "training sequence length (<= the model's block_size)"})
+    batch_size: int = field(default=32, metadata={"help": "global batch in sequences per optimizer step"})
+    micro_batch_size: int = field(
+        default=0, metadata={"help": "sequences per device per micro-step (0: batch_size / processes, no accumulation)"}
+    )
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to learning_rate * min_lr_ratio"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices and embeddings only)"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    eval_steps: int = field(default=50, metadata={"help": "validate every N steps (and at the end)"})
+    eval_batches: int = field(default=8, metadata={"help": "validation size in global batches"})
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep the last N checkpoints"})
+    seed: int = field(default=0, metadata={"help": "model init, data order and dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "move an existing output_dir aside and start again"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where supported, else fp32), bf16 or fp32"})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb"})
+    peak_flops: float = field(default=0.0, metadata={"help": "per-device peak FLOP/s for MFU (0: known GPU or measured)"})
+
+
+class ConfigError(ValueError):
+    """A recipe value that cannot work; the message names the field and what to do."""
+
+
+class TrainState:
+    """The step counter and token count, saved with Accelerate's state (the lr schedule is a function of step)."""
+
+    def __init__(self):
+        self.step, self.tokens = 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state):
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.learning_rate * ratio
+
+
+def measure_matmul_flops(device, dtype=torch.float32, n: int | None = None, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of an n x n matmul on this device: the peak MFU is measured against where none is known."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        if device.type == "cuda" and iters % 10:
+            continue
+        sync()
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def peak_flops(device, dtype) -> float:
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_BF16_PEAK.items():
+            if key in name:
+                return value
+    return measure_matmul_flops(device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Setup: config checks, the model, the optimizer, checkpoints
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    for name in ("block_size", "batch_size", "max_steps", "eval_steps", "eval_batches", "save_steps",
+                 "save_total_limit"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.micro_batch_size < 0 or cfg.warmup_steps < 0 or cfg.max_grad_norm < 0:
+        raise ConfigError("micro_batch_size, warmup_steps and max_grad_norm must not be negative")
+    if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"learning_rate must be > 0 and min_lr_ratio in [0, 1], got {cfg.learning_rate}, "
+                          f"{cfg.min_lr_ratio}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pass one")
+
+
+def find_tokenizer_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "tokenizer", path.parent / "tokenizer", path.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def model_config(cfg: PretrainConfig) -> GPTConfig:
+    """The architecture, before the vocabulary is known (vocab_size comes from the tokenizer)."""
+    if cfg.init_from:
+        src = Path(cfg.init_from)
+        if (src / "config.json").is_file():  # an HF directory (an exported one also holds a gpt_config.json)
+            from transformers import AutoConfig
+
+            from align.model.hf import gpt_config_from_hf
+
+            return gpt_config_from_hf(AutoConfig.from_pretrained(src))
+        if (src / CONFIG_FILE).is_file():
+            return GPTConfig.load(src / CONFIG_FILE)
+        raise ConfigError(f"init_from {src}: no {CONFIG_FILE} (align checkpoint) or config.json (HF model) there")
+    if cfg.model in PRESETS:
+        return preset(cfg.model)
+    if Path(cfg.model).is_file():
+        return GPTConfig.load(cfg.model)
+    raise ConfigError(f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a gpt_config.json file")
+
+
+def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
+    if not cfg.init_from:
+        arch.vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # a multiple of 64 keeps the LM-head matmul fast
+        return GPT(GPTConfig.from_dict(arch.to_dict()))
+    src = Path(cfg.init_from)
+    if (src / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        from align.model.hf import from_hf
+
+        model = from_hf(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
+    else:
+        model = load_checkpoint(src)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but init_from {src} has vocab_size {model.config.vocab_size}"
+        )
+    return model.train()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only; the fused kernel where the device has one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary name is only renamed once everything is written)."""
+    root = output_dir / CHECKPOINTS
+    return sorted(root.glob("step-[0-9]*")) if root.is_dir() else []
+
+
+def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) -> Path:
+    """Accelerate's full state plus gpt_config.json + model.safetensors (readable by load_checkpoint / export)."""
+    from accelerate.utils import DistributedType
+    from safetensors.torch import save_file
+
+    root = output_dir / CHECKPOINTS
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    full = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        full = accelerator.get_state_dict(model)  # a collective: gathers the sharded weights on the main process
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.save(tmp / CONFIG_FILE)
+        if full is not None or not (tmp / WEIGHTS_FILE).is_file():
+            state = {k: v.detach().cpu().contiguous() for k, v in (full or unwrapped.state_dict()).items()}
+            if unwrapped.config.tie_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
+    """Pretrain as the recipe says; returns the final metrics (also written to output_dir/metrics.json)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from align.tokenizer import tokenizer_hash
+
+    check_config(cfg)
+    arch = model_config(cfg)
+    if cfg.block_size > arch.block_size:
+        source = cfg.init_from or cfg.model
+        raise ConfigError(
+            f"block_size {cfg.block_size} is larger than the model's block_size {arch.block_size} ({source}); "
+            f"lower --block_size to at most {arch.block_size} or use a model with a longer context"
+        )
+    output_dir = Path(cfg.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (cfg.resume or cfg.overwrite):
+        prepare_output_dir(output_dir)  # raises the standard "exists; --resume or --overwrite" error
+    if cfg.init_from and not data_cfg.tokenizer:
+        found = find_tokenizer_dir(Path(cfg.init_from))
+        if found is None:
+            raise ConfigError(f"init_from {cfg.init_from} has no tokenizer.json (nor a tokenizer/ beside it); "
+                              "set `tokenizer` to the model's tokenizer")
+        data_cfg.tokenizer = str(found)
+
+    use_cpu = device_type() == "cpu"
+    state = PartialState(cpu=use_cpu)
+    world = state.num_processes
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro == 0 or cfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {world} processes"
+        )
+    grad_accum = cfg.batch_size // (micro * world)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision == "fp16":
+        raise ConfigError("fp16 is not supported (loss scaling would trip the non-finite check): use bf16 or 'no' "
+                          "in the accelerate config")
+    # auto: what the accelerate config asks for when it asks for bf16 (DeepSpeed insists), else bf16 where supported
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (launcher_precision == "bf16" or bf16_supported()))
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_steps=grad_accum,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(output_dir),
+    )
+    main = accelerator.is_main_process
+    # Accelerate warns on every save that it dropped lm_head.weight, which is tied to wte.weight: expected here.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    log = print if main else (lambda *a, **k: None)
+    if main:
+        prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    accelerator.wait_for_everyone()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    with accelerator.local_main_process_first():
+        data_dir = prepare_data(data_cfg, log=log)
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / TOKENIZER_DIR)
+    tok_hash = tokenizer_hash(tokenizer)
+    if cfg.init_from:
+        init_tok = adapt_tokenizer(AutoTokenizer.from_pretrained(data_cfg.tokenizer))
+        if tokenizer_hash(init_tok) != tok_hash:
+            raise DataError(f"the shards in {data_dir} were not made with the tokenizer of init_from {cfg.init_from}; "
+                            "leave data_dir unset (or point it at data prepared with that tokenizer)")
+    train_data = BatchLoader(TokenShards(data_dir, "train", tok_hash), cfg.block_size, cfg.batch_size, cfg.seed)
+    # Validation windows: a fixed sample spread over the whole split (whatever the training seed), so val_loss is
+    # comparable between runs and covers every source, not just the first one in the file.
+    val_data = BatchLoader(TokenShards(data_dir, "val", tok_hash), cfg.block_size, cfg.batch_size, seed=VAL_SEED)
+
+    set_seed(cfg.seed)
+    model = build_model(cfg, arch, tokenizer)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.config.flops_per_token(cfg.block_size)
+    if cfg.torch_compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
+    optimizer = make_optimizer(model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_state = TrainState()
+    accelerator.register_for_checkpointing(train_state)
+
+    log_path = output_dir / LOG_FILE
+    if cfg.resume:
+        ckpts = checkpoint_dirs(output_dir)
+        if ckpts:
+            accelerator.load_state(str(ckpts[-1]))
+            log(f"[pretrain] resumed from {ckpts[-1]} (step {train_state.step})")
+        else:
+            log(f"[pretrain] --resume: no complete checkpoint in {output_dir / CHECKPOINTS}; starting at step 0")
+        if main:
+            truncate_log(log_path, train_state.step)
+    if main:
+        save_recipe(output_dir, cfg, data_cfg, extra={"data_dir_resolved": str(data_dir)})
+        tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("pretrain")
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = cfg.peak_flops or peak_flops(accelerator.device, dtype)
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    log(
+        f"[pretrain] {n_params / 1e6:.2f}M parameters, {world} process(es) x {micro} sequences x {grad_accum} "
+        f"micro-steps x {cfg.block_size} tokens = {tokens_per_step:,} tokens/step, {dtype}, "
+        f"device {accelerator.device}, peak {peak / 1e9:.0f} GFLOP/s per device"
+    )
+
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros((), device=accelerator.device)
+        with torch.no_grad():
+            for b in range(cfg.eval_batches):
+                for m in range(grad_accum):
+                    x, y = val_data.batch(b, m, micro, accelerator.process_index, world, accelerator.device)
+                    with accelerator.autocast():
+                        total += model(x, y)[1].float()
+        model.train()
+        return accelerator.reduce(total / (cfg.eval_batches * grad_accum), "mean").item()
+
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) if _main_thread() else None
+    recent, last_val, rates, saved_step = [], None, [], -1
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=train_state.step, desc="pretrain", unit="step", disable=not main)
+    model.train()
+    try:
+        while train_state.step < cfg.max_steps:
+            step = train_state.step
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            grad_norm = None
+            for m in range(grad_accum):
+                x, y = train_data.batch(step, m, micro, accelerator.process_index, world, accelerator.device)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        _, loss = model(x, y)
+                    accelerator.backward(loss)  # Accelerate divides by the accumulation steps
+                    loss_sum += loss.detach().float()
+                    if accelerator.sync_gradients:
+                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure only
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        step_loss = accelerator.reduce(loss_sum / grad_accum, "mean").item()
+                        norm = float(grad_norm) if grad_norm is not None else 0.0  # None under DeepSpeed
+                        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+                            raise FloatingPointError(_nonfinite_message(step + 1, step_loss, norm, lr, output_dir))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            train_state.step += 1
+            train_state.tokens += tokens_per_step
+            rate = tokens_per_step / dt
+            rates.append(rate)
+            recent = (recent + [step_loss])[-10:]
+            record = {
+                "step": train_state.step, "loss": round(step_loss, 6), "lr": float(f"{lr:.6g}"),
+                "grad_norm": round(norm, 6) if grad_norm is not None else None,
+                "tokens_per_sec": round(rate, 1), "mfu": round(flops_per_token * rate / (peak * world), 4),
+                "tokens": train_state.tokens, "elapsed_s": round(time.perf_counter() - started, 2),
+            }
+            if train_state.step % cfg.eval_steps == 0 or train_state.step == cfg.max_steps:
+                last_val = evaluate()
+                record.update(val_loss=round(last_val, 6), val_ppl=round(math.exp(min(last_val, 50)), 4))
+                bar.write(f"step {train_state.step}: loss {step_loss:.4f}, val_loss {last_val:.4f}")
+            if main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if cfg.report_to != "none":
+                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                                step=train_state.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+            if world > 1:  # every rank must stop at the same step, whichever got the signal
+                flag = torch.tensor(float(stop["signal"]), device=accelerator.device)
+                stop["signal"] = accelerator.reduce(flag, "max").item() > 0
+            if train_state.step % cfg.save_steps == 0 or train_state.step == cfg.max_steps or stop["signal"]:
+                ckpt = save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
+                saved_step = train_state.step
+            if stop["signal"]:
+                bar.close()
+                log(f"[pretrain] SIGTERM: saved {ckpt} at step {train_state.step}; continue with --resume")
+                return {"stopped_at": train_state.step, "checkpoint": str(ckpt)}
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if cfg.report_to != "none":
+            accelerator.end_training()
+
+    ckpts = checkpoint_dirs(output_dir)
+    if saved_step != cfg.max_steps and (not ckpts or ckpts[-1].name != f"step-{cfg.max_steps:06d}"):
+        save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
+    if last_val is None:
+        last_val = evaluate()
+    if not recent and log_path.is_file():  # an already finished run resumed: report its logged numbers
+        logged = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        recent = [r["loss"] for r in logged[-10:]]
+        rates = [r["tokens_per_sec"] for r in logged]
+    steady = rates[1:] or rates
+    metrics = {
+        "train_loss": sum(recent) / len(recent) if recent else None,
+        "val_loss": last_val,
+        "val_ppl": math.exp(min(last_val, 50)),
+        "tokens_seen": train_state.tokens,
+        "steps": train_state.step,
+        "parameters": n_params,
+        "tokens_per_sec": sum(steady) / len(steady) if steady else None,
+        "mfu": flops_per_token * (sum(steady) / len(steady)) / (peak * world) if steady else None,
+        "processes": world,
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    if main:
+        write_json(output_dir / METRICS_FILE, metrics)
+        final_model = load_checkpoint(checkpoint_dirs(output_dir)[-1])
+        extra = {METRICS_FILE: json.dumps(metrics, indent=2) + "\n",
+                 RECIPE_FILE: (output_dir / RECIPE_FILE).read_text()}
+        export(final_model, tokenizer, output_dir / "hf", overwrite=True, extra_files=extra)
+        log(f"[pretrain] done: train_loss {metrics['train_loss']:.4f}, val_loss {last_val:.4f} "
+            f"(ppl {metrics['val_ppl']:.2f}), {train_state.tokens:,} tokens -> {output_dir / 'hf'}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, output_dir: Path) -> str:
+    ckpts = checkpoint_dirs(output_dir)
+    last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved yet"
+    return (
+        f"non-finite loss at step {step} (loss {loss}, grad_norm {grad_norm}, lr {lr:.3g}): stopped instead of "
+        f"training on garbage; {last}. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
+        "then --resume (or start again)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`align pretrain --config recipes/<preset>/pretrain.yaml [--key value ...]` (also scripts/pretrain.py)."""
+    try:
+        cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv if argv is not None else sys.argv[1:])
+        result = train(cfg, data_cfg)
+    except (ConfigError, DataError, FileExistsError, NotADirectoryError) as e:
+        print(f"align pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"align pretrain: error: {e}", file=sys.stderr)
+        return 1
+    return SIGTERM_EXIT if "stopped_at" in result else 0

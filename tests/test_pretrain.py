@@ -1,0 +1,256 @@
+"""The pretraining loop: loss falls, outputs, kill-and-resume equality, SIGTERM, 2-process DDP, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.data.shards import BatchLoader
+from align.pretrain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "tiny" / "pretrain.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small run recipe: a 2-layer, 64-wide model on a 300K-character slice of the embedded corpus."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    model = tmp / "model.json"
+    model.write_text(json.dumps(dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                     intermediate_size=128, tie_embeddings=True)))
+    recipe = tmp / "small.yaml"
+    recipe.write_text(f"""
+sources: [shakespeare, arithmetic]
+max_chars_per_source: 300000
+arithmetic_documents: 3000
+vocab_size: 512
+num_proc: 1
+data_dir: {tmp / 'data'}
+model: {model}
+block_size: 32
+batch_size: 8
+max_steps: 12
+learning_rate: 0.005
+warmup_steps: 2
+eval_steps: 6
+eval_batches: 2
+save_steps: 4
+save_total_limit: 5
+""")
+    return tmp, recipe
+
+
+def run(recipe, out, *extra):
+    return main(["--config", str(recipe), "--output_dir", str(out), *extra])
+
+
+def log_of(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def final_weights(out, step):
+    return load_file(str(Path(out) / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted 12-step run that the interrupted ones must reproduce."""
+    tmp, recipe = setup
+    out = tmp / "reference"
+    assert run(recipe, out) == 0
+    return out
+
+
+def test_tiny_recipe_loss_falls_and_run_dir_is_complete(tmp_path):
+    """The real tiny recipe (model, optimizer), shortened: a smaller slice of the corpus, 20 short steps."""
+    out = tmp_path / "run"
+    args = ["--max_chars_per_source", "300000", "--arithmetic_documents", "3000", "--vocab_size", "512",
+            "--data_dir", str(tmp_path / "data"), "--num_proc", "1", "--block_size", "32", "--batch_size", "16",
+            "--max_steps", "20", "--warmup_steps", "4", "--eval_steps", "20", "--eval_batches", "2",
+            "--save_steps", "8", "--report_to", "tensorboard"]
+    assert run(TINY_RECIPE, out, *args) == 0
+    log = log_of(out)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(log[0])
+    assert log[-1]["val_loss"] > 0 and log[-1]["val_ppl"] == pytest.approx(2.718281828 ** log[-1]["val_loss"], 1e-3)
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-5:]) / 5
+    assert first > 6.0 and last < first - 1.0, (first, last)  # ln(512) = 6.24: from chance to clearly learning
+
+    # the run directory: checkpoints (last 2 kept), tokenizer, metrics, recipe, HF export, TensorBoard events
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-000016", "step-000020"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["tokens_seen"] == 20 * 16 * 32
+    assert metrics["val_loss"] == pytest.approx(log[-1]["val_loss"], abs=1e-5)
+    assert json.loads((out / "hf" / "metrics.json").read_text()) == metrics
+    assert (out / "recipe.yaml").is_file() and (out / "hf" / "recipe.yaml").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert list(out.glob("pretrain/events.out.tfevents.*"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.cli import main as cli_main
+    from align.model import load_checkpoint
+
+    ours = load_checkpoint(out / "checkpoints" / "step-000020")
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf")
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ids = torch.tensor([tok("Question: Tom has 3 apples and gets 5 more.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+    # `align export` finds the run's tokenizer from a checkpoint directory
+    assert cli_main(["export", str(out / "checkpoints" / "step-000016"), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+
+
+KILLER = """
+import os, signal, sys
+from align.data import shards
+original = shards.BatchLoader.batch
+def batch(self, step, *args, **kwargs):
+    if self.shards.split == "train" and step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, step, *args, **kwargs)
+shards.BatchLoader.batch = batch
+from align.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(setup, reference):
+    tmp, recipe = setup
+    out = tmp / "killed"
+    killer = tmp / "killer.py"
+    killer.write_text(KILLER.format(step=6))  # dies in step 7, after step-000004 and 6 logged steps
+    proc = subprocess.run([sys.executable, str(killer), "--config", str(recipe), "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [r["step"] for r in log_of(out)] == list(range(1, 7))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
+
+    assert run(recipe, out, "--resume") == 0
+    resumed, uninterrupted = log_of(out), log_of(reference)
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # steps 5-6 of the killed run were replaced
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in uninterrupted]
+    a, b = final_weights(out, 12), final_weights(reference, 12)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+
+
+def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
+    tmp, recipe = setup
+    out = tmp / "terminated"
+    original = BatchLoader.batch
+
+    def batch(self, step, *args, **kwargs):
+        if self.shards.split == "train" and step == 2 and not batch.sent:
+            batch.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step 3: the step finishes, then it saves
+        return original(self, step, *args, **kwargs)
+
+    batch.sent = False
+    monkeypatch.setattr(BatchLoader, "batch", batch)
+    assert run(recipe, out) == 128 + signal.SIGTERM
+    assert "SIGTERM: saved" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
+    assert not (out / "hf").exists()
+    monkeypatch.setattr(BatchLoader, "batch", original)
+    assert run(recipe, out, "--resume") == 0
+    assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
+    # resuming a finished run does not train again
+    assert run(recipe, out, "--resume") == 0
+    assert len(log_of(out)) == 12
+
+
+def test_two_processes_match_one_at_the_same_global_batch(setup):
+    tmp, recipe = setup
+    one, two = tmp / "one_process", tmp / "two_processes"
+    # 1 process accumulating 2 micro-batches of 4 == 2 processes with 4 each: the same 8 windows per step
+    assert run(recipe, one, "--micro_batch_size", "4", "--max_steps", "8") == 0
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), str(ROOT / "scripts" / "pretrain.py"),
+         "--config", str(recipe), "--output_dir", str(two), "--max_steps", "8"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 process(es) x 4 sequences x 1 micro-steps" in proc.stdout
+    a, b = log_of(one), log_of(two)
+    assert len(a) == len(b) == 8
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=2e-4)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+    assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], abs=2e-4)
+    assert json.loads((two / "metrics.json").read_text())["processes"] == 2
+    assert (two / "hf" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: a clear message (exit status 2) that names the field or file, and nothing lost
+
+
+def test_block_size_larger_than_the_model(setup, capsys):
+    tmp, recipe = setup
+    assert run(recipe, tmp / "bs", "--block_size", "128") == 2
+    err = capsys.readouterr().err
+    assert "block_size 128 is larger than the model's block_size 64" in err and "--block_size" in err
+    assert not (tmp / "bs").exists()
+
+
+def test_existing_output_dir_is_refused_then_moved_aside(setup, capsys):
+    tmp, recipe = setup
+    out = tmp / "occupied"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert run(recipe, out, "--max_steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "notes.txt").read_text() == "precious"
+    assert run(recipe, out, "--max_steps", "2", "--overwrite") == 0
+    backups = list(tmp.glob("occupied.old-*"))
+    assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "precious"
+
+
+def test_missing_data_file(setup, capsys):
+    tmp, recipe = setup
+    assert run(recipe, tmp / "nodata", "--sources", str(tmp / "missing.jsonl"), "--data_dir", str(tmp / "d2")) == 2
+    assert "missing.jsonl' not found" in capsys.readouterr().err
+
+
+def test_shard_tokenizer_mismatch(setup, reference, tiny_tokenizer, capsys):
+    import shutil
+
+    tmp, recipe = setup
+    data = tmp / "tampered_data"
+    shutil.copytree(tmp / "data", data)
+    shutil.rmtree(data / "tokenizer")
+    tiny_tokenizer.save_pretrained(data / "tokenizer")  # a different 512-token BPE
+    assert run(recipe, tmp / "mismatch", "--data_dir", str(data)) == 2
+    assert "were made with tokenizer" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_the_run(setup, capsys):
+    tmp, recipe = setup
+    out = tmp / "diverged"
+    assert run(recipe, out, "--learning_rate", "1e6", "--max_grad_norm", "0", "--warmup_steps", "0") == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step" in err and "--learning_rate" in err
+    assert not (out / "hf").exists()
+
+
+def test_continue_pretraining_from_an_hf_model(setup, reference):
+    tmp, recipe = setup
+    out = tmp / "continued"
+    # the tokenizer comes from the HF directory; a new data_dir because the data config (its tokenizer) changed
+    assert run(recipe, out, "--init_from", str(reference / "hf"), "--data_dir", str(tmp / "data_hf"),
+               "--max_steps", "3", "--learning_rate", "1e-4") == 0
+    log = log_of(out)
+    assert log[0]["loss"] < log_of(reference)[0]["loss"] - 0.5  # starts from the trained weights, not from scratch
