@@ -461,12 +461,24 @@ def save_model(trainer, model, tokenizer, out: Path, merge_lora: bool) -> None:
     state.wait_for_everyone()
 
 
+def train_and_evaluate(trainer, training_args) -> dict:
+    """Train (resuming when asked), then evaluate when there is an eval set: the last logged training step's
+    metrics, the trainer's train summary and the final eval metrics, in one flat dict."""
+    summary = trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics
+    steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not
+             any(k.startswith("eval_") for k in log)]
+    metrics = {**(steps[-1] if steps else {}), **summary}
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return metrics
+
+
 def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, dataset: str) -> None:
     """metrics.json, the resolved recipe.yaml and a short model card, written by the main process."""
     if not PartialState().is_main_process:
         return
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    write_json(out / "metrics.json", {"stage": stage, **metrics})
+    write_json(out / "metrics.json", {"stage": stage, "num_processes": PartialState().num_processes, **metrics})
     save_recipe(out, *configs)
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss", "objective/"))}
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())

@@ -18,11 +18,11 @@ from align.stages.common import (
     load_tokenizer,
     model_kwargs,
     peft_config_for,
-    resume_arg,
     save_model,
     stage_main,
     start_run,
     to_dataset,
+    train_and_evaluate,
 )
 
 
@@ -59,9 +59,7 @@ def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_arg
 
 def run(script_args: DPOArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
     trainer, out = build_trainer(script_args, training_args, model_args)
-    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())  # eval_rewards/accuracies: implicit-reward pairwise accuracy
+    metrics = train_and_evaluate(trainer, training_args)
     save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
                script_args.merge_lora)
     finish_run(out, "dpo", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,

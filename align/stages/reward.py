@@ -13,7 +13,6 @@ from accelerate import PartialState
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align.data.tasks import extract_answer, is_correct, is_heldout
-from align.runs import write_json
 from align.stages.common import (
     DataArguments,
     JsonlLogger,
@@ -27,11 +26,11 @@ from align.stages.common import (
     model_kwargs,
     peft_config_for,
     require_pad,
-    resume_arg,
     save_model,
     stage_main,
     start_run,
     to_dataset,
+    train_and_evaluate,
 )
 
 SELF_NEGATIVES_FILE = "self_negatives.jsonl"
@@ -173,9 +172,7 @@ def build_trainer(script_args: RewardArguments, training_args: RewardConfig, mod
 
 def run(script_args: RewardArguments, training_args: RewardConfig, model_args: ModelConfig) -> dict:
     trainer, out = build_trainer(script_args, training_args, model_args)
-    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())  # eval_accuracy: pairwise accuracy on pairs never trained on
+    metrics = train_and_evaluate(trainer, training_args)  # eval_accuracy: pairwise accuracy on held-out pairs
     save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
                script_args.merge_lora)
     finish_run(out, "reward", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,

@@ -20,11 +20,11 @@ from align.stages.common import (
     load_tokenizer,
     model_kwargs,
     peft_config_for,
-    resume_arg,
     save_model,
     stage_main,
     start_run,
     to_dataset,
+    train_and_evaluate,
 )
 
 
@@ -68,9 +68,7 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
 
 def run(script_args: SFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     trainer, out = build_trainer(script_args, training_args, model_args)
-    metrics = dict(trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    metrics = train_and_evaluate(trainer, training_args)
     save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
                script_args.merge_lora)
     finish_run(out, "sft", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,

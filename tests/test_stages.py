@@ -1,0 +1,260 @@
+"""Alignment stages end to end on the tiny model: SFT -> reward -> PPO, DPO and GRPO, in-process and as 2-process
+`accelerate launch` jobs; outputs load with AutoModel classes and generate through `pipeline` with chat messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from align.stages import dpo, grpo, ppo, reward, sft
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_DDP = ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"
+QUESTION = [{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
+                                        "\nAnswer:"}]
+FAST = ["--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false", "--logging_steps", "1",
+        "--dataloader_num_workers", "0"]
+
+
+def demo_args(data_dir):
+    """Small demo data shared by every stage of a test run."""
+    return ["--dataset_name", "demo", "--data_dir", str(data_dir), "--demo_n_sft", "48", "--demo_n_preference", "16",
+            "--demo_n_prompts", "32", "--demo_n_heldout", "8"]
+
+
+def sft_args(base, out, data_dir):
+    return ["--config", str(ROOT / "recipes/tiny/sft.yaml"), "--model_name_or_path", str(base), "--output_dir",
+            str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_fraction", "0.2",
+            *demo_args(data_dir), *FAST]
+
+
+def reward_args(sft_dir, out, data_dir):
+    return ["--config", str(ROOT / "recipes/tiny/reward.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+            str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_fraction", "0.25",
+            "--self_negative_samples", "2", "--self_negative_max_new_tokens", "8", *demo_args(data_dir), *FAST]
+
+
+def ppo_args(sft_dir, reward_dir, out, data_dir, batch=8):
+    return ["--config", str(ROOT / "recipes/tiny/ppo.yaml"), "--sft_model_path", str(sft_dir), "--reward_model_path",
+            str(reward_dir), "--output_dir", str(out), "--total_episodes", str(2 * batch),
+            "--per_device_train_batch_size", str(batch), "--local_rollout_forward_batch_size", str(batch),
+            "--per_device_eval_batch_size", str(batch), "--response_length", "8", "--eval_prompts", "8",
+            "--num_ppo_epochs", "2", *demo_args(data_dir), *FAST]
+
+
+def dpo_args(sft_dir, out, data_dir):
+    return ["--config", str(ROOT / "recipes/tiny/dpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+            str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25",
+            *demo_args(data_dir), *FAST]
+
+
+def grpo_args(sft_dir, out, data_dir):
+    return ["--config", str(ROOT / "recipes/tiny/grpo.yaml"), "--model_name_or_path", str(sft_dir), "--output_dir",
+            str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+            "--max_completion_length", "8", *demo_args(data_dir), *FAST]
+
+
+def read_metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def assert_generates(model_dir):
+    """The directory loads as a causal LM and answers chat messages through pipeline('text-generation')."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template and tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    generate = pipeline("text-generation", model=str(model_dir), device="cpu")
+    out = generate(QUESTION, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert out[-1]["role"] == "assistant" and isinstance(out[-1]["content"], str)
+
+
+def assert_run_files(out):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "recipe.yaml",
+                 "data_report.json", "README.md"):
+        assert (Path(out) / name).is_file(), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process, in this process: the chain SFT -> reward -> PPO, plus DPO and GRPO
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_hf_dir, run_dir):
+    out = run_dir / "sft"
+    assert sft.main(sft_args(tiny_hf_dir, out, run_dir / "data")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_dir(sft_dir, run_dir):
+    out = run_dir / "reward"
+    assert reward.main(reward_args(sft_dir, out, run_dir / "data")) == 0
+    return out
+
+
+def test_sft_writes_a_chat_model(sft_dir, run_dir):
+    assert_run_files(sft_dir)
+    for name in ("sft.jsonl", "preferences.jsonl", "prompts.jsonl", "heldout.jsonl"):
+        assert (run_dir / "data" / name).is_file()  # the demo data users can copy the format from
+    metrics = read_metrics(sft_dir)
+    assert metrics["stage"] == "sft" and metrics["num_processes"] == 1
+    assert "train_loss" in metrics and "eval_loss" in metrics
+    assert_generates(sft_dir)
+
+
+def test_sft_loss_is_on_the_answer_only(tiny_hf_dir, tmp_path):
+    """Prompt/completion and messages data both mask everything but the assistant's tokens (and its eos)."""
+    from trl import ModelConfig, SFTConfig
+
+    from align.stages.common import parse_stage_args
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *QUESTION,
+                          {"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]}] * 4
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for dataset in (data, None):
+        args = sft_args(tiny_hf_dir, tmp_path / f"out-{dataset is None}", tmp_path / "data")
+        if dataset is not None:
+            args += ["--dataset_name", str(dataset), "--eval_fraction", "0"]
+        trainer, _ = sft.build_trainer(*parse_stage_args((sft.SFTArguments, SFTConfig, ModelConfig), args))
+        example = trainer.train_dataset[0]
+        tokenizer = trainer.processing_class
+        trained = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+        text = tokenizer.decode(trained)
+        assert text.endswith(tokenizer.eos_token) and "#### " in text
+        assert "Question" not in text and "<|assistant|>" not in text and "<|user|>" not in text
+
+
+def test_reward_model_scores_at_eos(reward_dir):
+    assert_run_files(reward_dir)
+    metrics = read_metrics(reward_dir)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0  # held-out pairwise accuracy
+    assert (reward_dir / "train_self_negatives.jsonl").is_file()  # the SFT model's own wrong answers
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    text = tokenizer.apply_chat_template(QUESTION + [{"role": "assistant", "content": "#### 7"}], tokenize=False)
+    assert text.endswith(tokenizer.eos_token)  # the score is read at the eos that closes the answer
+    batch = tokenizer([text, text[:-len(tokenizer.eos_token)]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 1)
+
+
+def test_ppo_logs_and_saves_policy_and_value(sft_dir, reward_dir, run_dir):
+    out = run_dir / "ppo"
+    assert ppo.main(ppo_args(sft_dir, reward_dir, out, run_dir / "data")) == 0
+    assert_run_files(out)
+    rows = [json.loads(line) for line in (out / ppo.LOG_FILE).read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "val/ratio", "episode"):
+        assert all(key in row for row in rows), key
+    metrics = read_metrics(out)
+    assert metrics["episodes"] == 16 and "guard/negative_kl_steps" in metrics
+    assert_generates(out)
+    value = AutoModelForSequenceClassification.from_pretrained(out / ppo.VALUE_DIR)
+    assert value.config.num_labels == 1
+
+
+def test_dpo(sft_dir, run_dir):
+    out = run_dir / "dpo"
+    assert dpo.main(dpo_args(sft_dir, out, run_dir / "data")) == 0
+    assert "eval_rewards/accuracies" in read_metrics(out)
+    assert_generates(out)
+
+
+def test_grpo_with_exact_answer_reward(sft_dir, run_dir):
+    assert grpo.exact_answer_reward([[{"role": "assistant", "content": "3 + 4 = 7\n#### 7"}], "#### 8"],
+                                    answer=["7", "7"]) == [1.0, 0.0]
+    out = run_dir / "grpo"
+    assert grpo.main(grpo_args(sft_dir, out, run_dir / "data")) == 0
+    assert "rewards/exact_answer_reward/mean" in read_metrics(out)
+    assert_generates(out)
+
+
+def test_sft_lora_exports_a_merged_model(tiny_hf_dir, run_dir):
+    out = run_dir / "sft-lora"
+    args = sft_args(tiny_hf_dir, out, run_dir / "data") + ["--use_peft", "true", "--lora_r", "4",
+                                                          "--lora_alpha", "8", "--learning_rate", "0.05"]
+    assert sft.main(args) == 0
+    assert not (out / "adapter_config.json").exists()  # merged: a plain checkpoint any tool can load
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base.state_dict()[name], merged.state_dict()[name])  # the adapter was merged in
+    assert_generates(out)
+
+
+def test_bring_your_own_gpt2_without_pad_or_chat_template(tmp_path, run_dir):
+    """A GPT-2-style checkpoint whose tokenizer has only <|endoftext|>: SFT adds a pad token, the role tokens and
+    a chat template, grows the embeddings, and the result runs through pipeline with chat messages."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    corpus = [json.loads(line)["completion"][0]["content"] for line in
+              (run_dir / "data" / "sft.jsonl").read_text().splitlines()] * 4 + ["Question: How many apples?"] * 4
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert tokenizer.pad_token is None and not tokenizer.chat_template
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    out = tmp_path / "sft"
+    assert sft.main(sft_args(base, out, run_dir / "data")) == 0
+    tuned = AutoTokenizer.from_pretrained(out)
+    assert tuned.pad_token == "<|pad|>" and "<|assistant|>" in tuned.get_vocab()
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == len(tuned)
+    assert_generates(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes: `accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml scripts/<stage>.py` (gloo DDP)
+
+
+def launch(script, args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(CPU_DDP),
+           str(ROOT / "scripts" / script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "grpo"])
+def test_two_process_launch(stage, tiny_hf_dir, sft_dir, reward_dir, run_dir):
+    data_dir = run_dir / "data"
+    out = run_dir / f"ddp-{stage}"
+    args = {
+        "sft": lambda: sft_args(tiny_hf_dir, out, data_dir),
+        "reward": lambda: reward_args(sft_dir, out, data_dir) + ["--self_negatives", "0.25"],
+        "ppo": lambda: ppo_args(sft_dir, reward_dir, out, data_dir, batch=4) + ["--total_episodes", "16"],
+        "dpo": lambda: dpo_args(sft_dir, out, data_dir),
+        "grpo": lambda: grpo_args(sft_dir, out, data_dir) + ["--per_device_train_batch_size", "2"],
+    }[stage]()
+    launch(f"{stage}.py", args)
+    metrics = read_metrics(out)
+    assert metrics["num_processes"] == 2
+    if stage == "reward":
+        assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
+    else:
+        AutoModelForCausalLM.from_pretrained(out)
