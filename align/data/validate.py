@@ -184,10 +184,11 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
 
     # The format (which columns, conversational or plain strings) comes from the dataset as a whole.
     if kind == "sft":
-        if "messages" in columns:
-            needed = ["messages"]
-        elif {"prompt", "completion"} <= columns:
-            needed = ["prompt", "completion"]
+        rows = [r.row for r in records if r.row is not None]
+        n_messages = sum("messages" in row for row in rows)
+        n_pairs = sum("prompt" in row and "completion" in row for row in rows)
+        if n_messages or n_pairs:  # the format most rows use; rows in the other one are dropped
+            needed = ["messages"] if n_messages >= n_pairs else ["prompt", "completion"]
         else:
             raise DataError(f"{source}: no 'messages' column and no 'prompt' + 'completion' columns (found: "
                             f"{', '.join(sorted(columns)) or 'none'}); SFT reads {FORMATS['sft']} ({HINT})")
