@@ -204,10 +204,30 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
             "tasks": order, "lm_eval_tasks": len(task_names(objects)), "limit": args.limit, "num_fewshot": args.num_fewshot,
             "apply_chat_template": args.apply_chat_template, "device": device, "batch_size": args.batch_size,
             "source": args.source, "seconds": round(seconds, 2), "sandbox_isolation": isolation,
+            "max_length": lm.max_length,
         },
         "summary": summarise(results, samples_out, order),
         "lm_eval": results,
     }, samples_out if args.log_samples else None
+
+
+class OncePerKind(logging.Filter):
+    """lm-eval warns once per request when a context is truncated to the model's length (thousands of lines for
+    few-shot MMLU on a small model): keep the first, count the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.truncated = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Truncating" in str(record.msg) or "Truncating" in record.getMessage():
+            self.truncated += 1
+            if self.truncated == 1:
+                record.msg = f"{record.getMessage()} (further truncation warnings are counted, not shown)"
+                record.args = ()
+                return True
+            return False
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    truncation = OncePerKind()
+    logging.getLogger("lm_eval.models.huggingface").addFilter(truncation)
     out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
     try:
         report, samples = evaluate(args)
@@ -229,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 for row in rows:
                     f.write(json.dumps({"task": task, **row}, default=str) + "\n")
     print_summary(report["summary"])
+    if truncation.truncated > 1:
+        print(f"{truncation.truncated} contexts were longer than the model's {report['align'].get('max_length')} "
+              "positions and were truncated from the left")
     print(f"results: {out}")
     return 0
 
