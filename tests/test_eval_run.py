@@ -207,3 +207,38 @@ def test_peft_adapter_on_its_base_runs_and_on_another_base_fails(eval_home, tiny
     assert run_eval(["--model", str(other), "--peft", str(adapter), "--tasks", "demo",
                      "--demo_file", eval_home["demo"]], tmp_path)[0] == 2
     assert "does not fit --model" in capsys.readouterr().err
+
+
+DATA_KEYS = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "fewshot_split"}
+
+
+def _yaml(path):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
+    return {k: v for k, v in yaml.load(path.read_text(), Loader=Loader).items() if k not in DATA_KEYS}
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    ("gsm8k/gsm8k.yaml", "gsm8k/gsm8k.yaml"), ("gsm8k/gsm8k-cot.yaml", "gsm8k/gsm8k-cot.yaml"),
+    ("arc/arc_easy.yaml", "arc/arc_easy.yaml"), ("arc/arc_challenge.yaml", "arc/arc_challenge.yaml"),
+    ("lambada/lambada_openai.yaml", "lambada/lambada_openai.yaml"), ("humaneval/humaneval.yaml", "humaneval/humaneval.yaml"),
+    ("mmlu/_default_template_yaml", "mmlu/default/_default_template_yaml"), ("mmlu/_mmlu.yaml", "mmlu/default/_mmlu.yaml"),
+    ("mmlu/mmlu_anatomy.yaml", "mmlu/default/mmlu_anatomy.yaml"),
+])
+def test_task_yamls_mirror_lm_eval_except_the_data_source(ours, theirs):
+    """Prompts, metrics, filters and generation settings are lm-eval's own; only where the data comes from differs."""
+    from pathlib import Path
+
+    import lm_eval
+
+    from align.evaluation.tasks import EVALS_DIR
+
+    mine, builtin = _yaml(EVALS_DIR / ours), _yaml(Path(lm_eval.__file__).parent / "tasks" / theirs)
+    if ours.startswith("humaneval"):  # the metric is align's sandboxed pass@k, called the same way
+        assert builtin["metric_list"][0].pop("metric") == "!function utils.pass_at_k"
+        assert mine["metric_list"][0].pop("metric") == "!function utils.pass_at_k"
+    assert mine == builtin

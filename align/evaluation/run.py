@@ -183,7 +183,13 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         if lm is None:
             model, tokenizer = load_model(args.model, args.peft, device, args.dtype)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=args.batch_size)
-        objects, samples = build_tasks(task_manager, selections)
+        try:
+            objects, samples = build_tasks(task_manager, selections)
+        except (ConnectionError, OSError) as err:
+            if args.source != "hub":
+                raise
+            raise EvalError(f"lm-eval's own tasks load their data from the Hugging Face hub, which is unreachable "
+                            f"({err}); use the offline pack (the default, `--source pack`)") from err
         if args.limit is not None:
             samples = None
         cap_generation(objects, lm.max_length, args.max_new_tokens)
