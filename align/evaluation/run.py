@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -166,6 +167,9 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         isolation = sandbox.selftest().isolation
         if "netns" not in isolation and "landlock-tcp" not in isolation:
             log.warning("the code sandbox has no network isolation on this machine (no unshare, no Landlock)")
+        if os.geteuid() == 0 and "landlock-signals" not in isolation:
+            log.warning("running generated code as root without Landlock signal scoping (Linux >= 6.12): a program "
+                        "could signal any process here; prefer an unprivileged user")
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
