@@ -191,10 +191,10 @@ def summarise(results: dict, samples: dict | None = None, order: list[str] | Non
         kids = subtasks.get(task, [])
         return [t for k in kids for t in (leaves(k) or [k])] if kids else []
 
-    # groups first (mmlu reports one number), then leaf tasks that are not inside a reported group
-    groups = [t for t in results.get("results", {}) if t in subtasks]
-    inside = {leaf for g in groups if g in HEADLINE for leaf in leaves(g)} | {
-        g2 for g in groups if g in HEADLINE for g2 in subtasks.get(g, [])}
+    # a group with an aggregate (mmlu, mmlu_stem) reports one number instead of its subtasks'
+    aggregated = [g for g, m in results.get("results", {}).items()
+                  if g in subtasks and any("," in k and "_stderr," not in k for k in m)]
+    inside = {t for g in aggregated for t in leaves(g)} | {t for g in aggregated for t in subtasks.get(g, [])}
     for task, metrics in results.get("results", {}).items():
         if task in inside or task in shown:
             continue
