@@ -209,6 +209,8 @@ def plot_metrics(entries: list[dict], metrics: list[str]) -> str | None:
             ax.legend(fontsize=7, loc="upper right")
         if "perplexity" in metric and min(h for h in heights) > 0 and max(heights) / max(min(heights), 1e-9) > 100:
             ax.set_yscale("log")
+        elif min(heights) >= 0:
+            ax.set_ylim(bottom=0, top=max(max(h + e for h, e in zip(heights, errors)), chance or 0, 0.05) * 1.15)
         ax.set_title(metric, fontsize=9)
         ax.set_xticks(range(len(entries)), [e["name"] for e in entries], rotation=20, fontsize=8)
     for ax in list(axes.flat)[len(metrics):]:
@@ -340,9 +342,10 @@ def table_rows(entries: list[dict], metrics: list[str]) -> list[list[str]]:
         for e in entries:
             entry = e["metrics"].get(m)
             cells.append(fmt(entry) + (mark(difference(base["metrics"].get(m, {}), entry)) if e is not base and entry else ""))
-        n = next((e["metrics"][m].get("n") for e in entries if m in e["metrics"] and e["metrics"][m].get("n")), None)
+        ns = [str(e["metrics"].get(m, {}).get("n") or "–") for e in entries]
+        n = ns[0] if len(set(ns)) == 1 else " / ".join(ns)  # per model, when they differ
         chance = next((e["metrics"][m].get("chance") for e in entries if e["metrics"].get(m, {}).get("chance") is not None), None)
-        cells += [str(n or ""), "" if chance is None else f"{chance:g}"]
+        cells += ["" if n == "–" else n, "" if chance is None else f"{chance:g}"]
         rows.append(cells)
     return rows
 
