@@ -196,6 +196,15 @@ def test_sft_lora_exports_a_merged_model(tiny_hf_dir, run_dir):
     assert_generates(out)
 
 
+def test_ppo_with_lora_uses_the_disabled_adapter_as_reference(sft_dir, reward_dir, run_dir):
+    out = run_dir / "ppo-lora"
+    args = ppo_args(sft_dir, reward_dir, out, run_dir / "data") + ["--use_peft", "true", "--lora_r", "4",
+                                                                  "--total_episodes", "8"]
+    assert ppo.main(args) == 0
+    assert not (out / "adapter_config.json").exists()
+    assert_generates(out)
+
+
 def test_bring_your_own_gpt2_without_pad_or_chat_template(tmp_path, run_dir):
     """A GPT-2-style checkpoint whose tokenizer has only <|endoftext|>: SFT adds a pad token, the role tokens and
     a chat template, grows the embeddings, and the result runs through pipeline with chat messages."""
@@ -245,7 +254,7 @@ def test_two_process_launch(stage, tiny_hf_dir, sft_dir, reward_dir, run_dir):
     data_dir = run_dir / "data"
     out = run_dir / f"ddp-{stage}"
     args = {
-        "sft": lambda: sft_args(tiny_hf_dir, out, data_dir),
+        "sft": lambda: sft_args(tiny_hf_dir, out, data_dir) + ["--packing", "true"],
         "reward": lambda: reward_args(sft_dir, out, data_dir) + ["--self_negatives", "0.25"],
         "ppo": lambda: ppo_args(sft_dir, reward_dir, out, data_dir, batch=4) + ["--total_episodes", "16"],
         "dpo": lambda: dpo_args(sft_dir, out, data_dir),

@@ -241,3 +241,62 @@ def test_ppo_monitor_warns_on_negative_kl_and_ratio_drift(tmp_path):
         monitor.on_log(None, state, None, logs={"objective/kl": 0.2, "val/ratio": 3.0})
     assert (monitor.negative_kl_steps, monitor.ratio_out_of_range_steps) == (1, 1)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes and hub datasets
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*/*.yaml")
+                                          if p.stem in ("sft", "reward", "ppo", "dpo", "grpo")))
+def test_every_stage_recipe_parses(recipe, tmp_path):
+    from trl import DPOConfig, GRPOConfig, ModelConfig, RewardConfig, SFTConfig
+    from trl.experimental.ppo import PPOConfig
+
+    from align.stages import dpo, grpo
+    from align.stages.common import parse_stage_args
+
+    stage = Path(recipe).stem
+    types = {"sft": (sft.SFTArguments, SFTConfig), "reward": (reward.RewardArguments, RewardConfig),
+             "ppo": (ppo.PPOArguments, PPOConfig), "dpo": (dpo.DPOArguments, DPOConfig),
+             "grpo": (grpo.GRPOArguments, GRPOConfig)}[stage]
+    script_args, training_args, _ = parse_stage_args((*types, ModelConfig),
+                                                     ["--config", str(ROOT / recipe), "--output_dir", str(tmp_path)])
+    assert script_args.dataset_name and training_args.output_dir == str(tmp_path)
+    if torch.cuda.is_available() is False:
+        assert training_args.use_cpu and not training_args.bf16  # chosen from the machine, whatever the YAML says
+
+
+def test_hub_dataset_names_and_splits(monkeypatch, tmp_path):
+    """The hub path (offline here): a clear error, and with datasets answering, UltraFeedback-style implicit-prompt
+    pairs are read from the named splits and their prompt is split out."""
+    import datasets
+
+    from align.stages.common import DataArguments, load_stage_data
+
+    args = DataArguments(dataset_name="HuggingFaceH4/no_such_dataset_offline", dataset_test_split="test")
+    training_args = type("T", (), {"output_dir": str(tmp_path / "o")})()
+    with pytest.raises(DataError, match=r"could not load the Hugging Face dataset (.|\n)*no network\? pass a local"):
+        load_stage_data(args, training_args, "preference", tmp_path)
+
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    rows = {split: [{"prompt": "What is 2 + 2?", "chosen": [user, {"role": "assistant", "content": "4"}],
+                     "rejected": [user, {"role": "assistant", "content": "5"}], "score_chosen": 9.0}] * n
+            for split, n in (("train_prefs", 6), ("test_prefs", 2))}
+    calls = []
+
+    def local_copy(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows[split])
+
+    monkeypatch.setattr(datasets, "load_dataset", local_copy)
+    args = DataArguments(dataset_name="HuggingFaceH4/ultrafeedback_binarized", dataset_train_split="train_prefs",
+                         dataset_test_split="test_prefs")
+    train, evaluation = load_stage_data(args, training_args, "preference", tmp_path)
+    assert calls == [("HuggingFaceH4/ultrafeedback_binarized", None, "test_prefs"),
+                     ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs")]
+    assert len(train) == 6 and len(evaluation) == 2
+    assert train[0] == {"prompt": [user], "chosen": [{"role": "assistant", "content": "4"}],
+                        "rejected": [{"role": "assistant", "content": "5"}]}
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["train"]["source"] == "HuggingFaceH4/ultrafeedback_binarized[train_prefs]"

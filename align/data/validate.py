@@ -11,7 +11,7 @@ ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FORMATS = {
     "sft": "'messages' (a list of {role, content}) or 'prompt' + 'completion'",
-    "preference": "'prompt' + 'chosen' + 'rejected'",
+    "preference": "'prompt' + 'chosen' + 'rejected' (or chosen/rejected conversations sharing the prompt)",
     "prompt": "'prompt'",
 }
 HINT = "see docs/stages.md (section 'Bring your own data') for the formats"
@@ -178,6 +178,8 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
     if kind not in FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; one of {', '.join(FORMATS)}")
     report = DataReport(source=source, kind=kind, total=len(records))
+    if kind == "preference":
+        records = [Record(r.where, explicit_prompt(r.row), r.error) if r.row is not None else r for r in records]
     if not records:
         raise DataError(f"{source}: the dataset is empty; a {kind} dataset needs {FORMATS[kind]} rows ({HINT})")
     columns = set().union(*(r.row.keys() for r in records if r.row is not None))
@@ -224,6 +226,18 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
         kept.append({c: row[c] for c in needed})
     report.kept = len(kept)
     return kept, report
+
+
+def explicit_prompt(row: dict) -> dict:
+    """A preference row with its prompt split out of chosen/rejected when they carry it ("implicit prompt", as in
+    UltraFeedback: chosen = [user, assistant]); TRL's own extraction, applied before the checks."""
+    from trl.data_utils import maybe_extract_prompt
+
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    conversational = all(isinstance(v, list) and v and all(isinstance(m, dict) for m in v) for v in (chosen, rejected))
+    if not conversational or (isinstance(row.get("prompt"), list)):
+        return row
+    return {**row, **maybe_extract_prompt({"chosen": chosen, "rejected": rejected})}
 
 
 def _row_problem(row: dict, kind: str, conversational: bool) -> tuple[str, str] | None:
