@@ -33,6 +33,12 @@ class NonFiniteLossError(RuntimeError):
 USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NonFiniteLossError)
 
 
+def log(message: str) -> None:
+    """Print once per job (main process), prefixed like every toolkit message."""
+    if PartialState().is_main_process:
+        print(f"[align] {message}", flush=True)
+
+
 def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
     """Parse the recipe and run a stage; errors a user can fix end the program with their message, no traceback."""
     try:
@@ -149,7 +155,7 @@ def check_model_dir(path: str | None, what: str, argument: str, kind: str = "cau
     if not path:
         raise StageError(f"no {what} given: pass --{argument} DIR")
     local = Path(path)
-    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1  # else a hub name
     if looks_local and not local.is_dir():
         raise FileNotFoundError(f"{what} {path} does not exist (--{argument}); pass a Hugging Face model directory")
     if local.is_dir() and not (local / "config.json").is_file():
@@ -207,17 +213,17 @@ def add_missing_tokens(tokenizer) -> list[int]:
     before = len(tokenizer)
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
-        print(f"[align] the tokenizer has no eos token: added {EOS_TOKEN}")
+        log(f"the tokenizer has no eos token: added {EOS_TOKEN}")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        print(f"[align] the tokenizer has no pad token distinct from eos: added {PAD_TOKEN} (PPO masks by pad id)")
+        log(f"the tokenizer has no pad token distinct from eos: added {PAD_TOKEN} (PPO masks by pad id)")
     if not tokenizer.chat_template:
         roles = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
         if roles:
             tokenizer.add_special_tokens({"extra_special_tokens": roles}, replace_extra_special_tokens=False)
         # The toolkit's template with this tokenizer's own eos closing each assistant turn.
         tokenizer.chat_template = CHAT_TEMPLATE.replace(EOS_TOKEN, tokenizer.eos_token)
-        print("[align] the tokenizer has no chat template: using align's (<|user|> ... <|assistant|> ... eos)")
+        log("the tokenizer has no chat template: using align's (<|user|> ... <|assistant|> ... eos)")
     return list(range(before, len(tokenizer)))
 
 
@@ -231,6 +237,8 @@ def fit_model_to_tokenizer(model, tokenizer) -> None:
             setattr(model.config, key, value)
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 setattr(model.generation_config, key, value)
+    if model.can_generate() and model.generation_config.max_new_tokens is None:
+        model.generation_config.max_new_tokens = 256  # transformers' default max_length of 20 cuts chat answers
 
 
 def require_pad(tokenizer, path: str, stage: str) -> None:
@@ -249,6 +257,8 @@ def require_pad(tokenizer, path: str, stage: str) -> None:
 
 def assistant_turn_ends_with_eos(tokenizer) -> bool:
     """Whether the chat template closes an assistant turn with eos, where the reward model and PPO read the score."""
+    if not tokenizer.chat_template:
+        return True  # nothing to check: plain-text data
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
     return text.rstrip().endswith(tokenizer.eos_token)
@@ -290,7 +300,7 @@ def ensure_demo_data(data_args, training_args) -> Path:
         elif PartialState().is_main_process:
             tasks.write_demo_data(data_dir, **params)
             write_json(marker, params)
-            print(f"[align] wrote the demo data to {data_dir} (sft, preferences, prompts, heldout .jsonl)")
+            log(f"wrote the demo data to {data_dir} (sft, preferences, prompts, heldout .jsonl)")
     return data_dir
 
 
@@ -501,4 +511,4 @@ generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")
 print(generate([{{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"}}])[0]["generated_text"])
 ```
 """)
-    print(f"[align] {stage}: wrote {out} (model, tokenizer, metrics.json, recipe.yaml)")
+    log(f"{stage}: wrote {out} (model, tokenizer, metrics.json, recipe.yaml)")

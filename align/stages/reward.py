@@ -23,6 +23,7 @@ from align.stages.common import (
     fit_model_to_tokenizer,
     load_stage_data,
     load_tokenizer,
+    log,
     model_kwargs,
     peft_config_for,
     require_pad,
@@ -134,7 +135,7 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
     for i, answer in found.items():
         rejected = rows[i]["rejected"]
         rows[i]["rejected"] = [{"role": "assistant", "content": answer}] if isinstance(rejected, list) else answer
-    print(f"[align] reward: {len(found)} of {len(rows)} {name} pairs now reject the SFT model's own wrong answer")
+    log(f"reward: {len(found)} of {len(rows)} {name} pairs now reject the SFT model's own wrong answer")
     return rows
 
 
