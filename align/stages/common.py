@@ -118,7 +118,7 @@ def parse_stage_args(dataclass_types, argv: list[str] | None):
 def start_run(training_args, data_args) -> Path:
     """Check and create output_dir: every rank refuses a finished run first, then the main process prepares it."""
     out = Path(training_args.output_dir)
-    resume = bool(training_args.resume_from_checkpoint)
+    resume = resume_arg(training_args) is not None
     if out.is_dir() and any(out.iterdir()) and not (resume or data_args.overwrite):
         raise FileExistsError(
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "

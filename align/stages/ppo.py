@@ -8,6 +8,7 @@ Every PPO step is logged to output_dir/ppo_log.jsonl (KL, scores, rlhf_reward, .
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 from trl import ModelConfig
-from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known and pinned: trl>=1.9,<1.13 (see the docstring)
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from align.stages.common import (
     DataArguments,
@@ -30,6 +33,7 @@ from align.stages.common import (
     model_kwargs,
     peft_config_for,
     require_pad,
+    resume_arg,
     save_model,
     stage_main,
     start_run,
@@ -105,7 +109,7 @@ def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, r
 
 def check_ppo_config(training_args: PPOConfig, tokenizer) -> None:
     """Refuse PPOConfig combinations that trl 1.12's PPOTrainer gets silently wrong."""
-    if training_args.resume_from_checkpoint:
+    if resume_arg(training_args) is not None:
         raise StageError("PPOTrainer (trl<1.13) cannot resume from a checkpoint; start a new --output_dir")
     if training_args.gradient_accumulation_steps > 1 and training_args.num_mini_batches > 1:
         # The trainer sizes its per-update statistics by gradient_accumulation_steps but fills only
