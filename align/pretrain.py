@@ -356,6 +356,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if main:
             truncate_log(log_path, train_state.step)
     if main:
+        if cfg.resume and (output_dir / RECIPE_FILE).is_file():
+            _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
         save_recipe(output_dir, cfg, data_cfg, extra={"data_dir_resolved": str(data_dir)})
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     if cfg.report_to != "none":
@@ -486,6 +488,20 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             f"(ppl {metrics['val_ppl']:.2f}), {train_state.tokens:,} tokens -> {output_dir / 'hf'}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig, log) -> None:
+    """A resumed run with other settings than the run it continues is allowed (e.g. more steps), but said."""
+    import dataclasses
+
+    import yaml
+
+    old = yaml.safe_load(recipe_path.read_text()) or {}
+    new = {**dataclasses.asdict(data_cfg), **dataclasses.asdict(cfg)}
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k]
+               and k not in ("resume", "overwrite")]
+    if changed:
+        log(f"[pretrain] resuming with changed settings: {', '.join(changed)}")
 
 
 def _main_thread() -> bool:

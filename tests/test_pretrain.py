@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -175,9 +176,13 @@ def test_two_processes_match_one_at_the_same_global_batch(setup):
     # 1 process accumulating 2 micro-batches of 4 == 2 processes with 4 each: the same 8 windows per step
     assert run(recipe, one, "--micro_batch_size", "4", "--max_steps", "8") == 0
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with socket.socket() as s:  # a free port: other jobs on the machine may hold the default 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), str(ROOT / "scripts" / "pretrain.py"),
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(port),
+         str(ROOT / "scripts" / "pretrain.py"),
          "--config", str(recipe), "--output_dir", str(two), "--max_steps", "8"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
