@@ -308,6 +308,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output_dir),
     )
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed sizes its buffers from this; no DataLoader here
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     main = accelerator.is_main_process
     # Accelerate warns on every save that it dropped lm_head.weight, which is tied to wte.weight: expected here.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)

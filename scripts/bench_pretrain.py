@@ -135,9 +135,12 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (ours, HF)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     p.add_argument("--skip_hf", action="store_true")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if device_type() == "cuda" else "cpu")
     gpu = device.type == "cuda"
     args.preset = args.preset or ("llama-124m" if gpu else "tiny")

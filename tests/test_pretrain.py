@@ -259,3 +259,10 @@ def test_continue_pretraining_from_an_hf_model(setup, reference):
                "--max_steps", "3", "--learning_rate", "1e-4") == 0
     log = log_of(out)
     assert log[0]["loss"] < log_of(reference)[0]["loss"] - 0.5  # starts from the trained weights, not from scratch
+
+
+def test_activation_checkpointing_changes_memory_not_results(setup, reference):
+    tmp, recipe = setup
+    out = tmp / "recompute"
+    assert run(recipe, out, "--activation_checkpointing", "--max_steps", "12") == 0
+    assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]

@@ -41,7 +41,7 @@ NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
 
 @dataclass
 class DataConfig:
-    data_name: str = field(default="tiny", metadata={"help": "name of the prepared data (its cache directory)"})
+    data_name: str = field(default="corpus", metadata={"help": "name of the prepared data (its cache directory)"})
     data_dir: str | None = field(
         default=None,
         metadata={"help": "where tokenizer + shards are cached (default: $ALIGN_HOME/data/NAME-KEY or runs/data/NAME-KEY)"},
