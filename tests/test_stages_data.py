@@ -300,3 +300,18 @@ def test_hub_dataset_names_and_splits(monkeypatch, tmp_path):
                         "rejected": [{"role": "assistant", "content": "5"}]}
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert report["train"]["source"] == "HuggingFaceH4/ultrafeedback_binarized[train_prefs]"
+
+
+def test_eval_fraction_splits_conversations_that_share_a_system_prompt():
+    from align.stages.common import split_eval
+
+    system = {"role": "system", "content": "Answer with a number."}
+    rows = [{"messages": [system, {"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": str(i + 1)}]} for i in range(200)]
+    train, held = split_eval(rows, 0.2)
+    assert 20 <= len(held) <= 60 and len(train) + len(held) == 200
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i // 2}"}], "chosen": "a", "rejected": f"b{i}"}
+             for i in range(100)]
+    train, held = split_eval(pairs, 0.3)
+    held_prompts = {json.dumps(r["prompt"]) for r in held}
+    assert held and not any(json.dumps(r["prompt"]) in held_prompts for r in train)  # a prompt stays on one side

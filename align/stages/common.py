@@ -355,7 +355,8 @@ def _hub_records(data_args):
 
 
 def _prompt_key(row: dict) -> str:
-    return json.dumps(row.get("prompt", row.get("messages", [])[:1]), sort_keys=True)
+    """What identifies a prompt: the prompt column, or a conversation without its last (assistant) turn."""
+    return json.dumps(row["prompt"] if "prompt" in row else row["messages"][:-1], sort_keys=True)
 
 
 def split_eval(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
