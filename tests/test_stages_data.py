@@ -15,7 +15,8 @@ from align.stages import ppo, reward, sft
 from align.stages.common import NonFiniteGuard, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
-USER = [{"role": "user", "content": "Question: Ann has 2 cups and gets 3 more. How many cups does Ann have now?\nAnswer:"}]
+USER = [{"role": "user", "content": "Question: Ann has 2 cups and gets 3 more. How many cups does Ann have now?"
+                                    "\nAnswer:"}]
 GOOD = {"prompt": USER, "completion": [{"role": "assistant", "content": "2 + 3 = 5\n#### 5"}]}
 FAST = ["--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false", "--logging_steps", "1"]
 
@@ -175,8 +176,8 @@ def test_reward_and_ppo_refuse_a_tokenizer_without_a_distinct_pad(tiny_hf_dir, t
     (none / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(none).pad_token is None
     with pytest.raises(SystemExit, match=r"has no pad token; run `align sft`"):
-        ppo.main(["--sft_model_path", str(none), "--reward_model_path", str(reward_dir_from(tiny_hf_dir, tmp_path / "rm")),
-                  "--output_dir", str(tmp_path / "p"), *FAST])
+        ppo.main(["--sft_model_path", str(none), "--reward_model_path",
+                  str(reward_dir_from(tiny_hf_dir, tmp_path / "rm")), "--output_dir", str(tmp_path / "p"), *FAST])
 
 
 def test_ppo_refuses_a_reward_model_with_another_tokenizer(tiny_hf_dir, tmp_path):

@@ -249,7 +249,8 @@ def _row_problem(row: dict, kind: str, conversational: bool) -> tuple[str, str] 
         if problem:
             return problem
         if messages[-1]["role"] != "assistant":
-            return "wrong_role", f"messages ends with a {messages[-1]['role']!r} turn; the last turn must be 'assistant'"
+            return "wrong_role", (f"messages ends with a {messages[-1]['role']!r} turn; the last turn must be "
+                                  "'assistant'")
         if not any(m["role"] == "user" for m in messages):
             return "wrong_role", "messages has no 'user' turn"
         if not messages[-1]["content"].strip():

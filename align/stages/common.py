@@ -73,7 +73,9 @@ class DataArguments:
     demo_seed: int = field(default=0, metadata={"help": "seed of the demo data generator"})
     demo_n_sft: int = field(default=6000, metadata={"help": "demo SFT conversations"})
     demo_n_preference: int = field(default=4000, metadata={"help": "demo questions with preference pairs"})
-    demo_n_rejected: int = field(default=2, metadata={"help": "demo pairs per preference question (distinct wrong answers)"})
+    demo_n_rejected: int = field(
+        default=2, metadata={"help": "demo pairs per preference question (distinct wrong answers)"}
+    )
     demo_n_prompts: int = field(default=2000, metadata={"help": "demo PPO/GRPO prompts"})
     demo_n_heldout: int = field(default=400, metadata={"help": "demo held-out questions (never trained on)"})
     max_dropped_fraction: float = field(
@@ -191,7 +193,11 @@ def model_kwargs(model_args) -> dict:
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise StageError("load_in_4bit / load_in_8bit are not supported by align's stages; use use_peft without them")
     dtype = model_args.dtype
-    kwargs = {"dtype": torch.float32 if dtype in (None, "float32") else dtype if dtype == "auto" else getattr(torch, dtype)}
+    if dtype in (None, "float32"):
+        dtype = torch.float32
+    elif dtype != "auto":
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_revision and model_args.model_revision != "main":
@@ -509,7 +515,8 @@ Stage `{stage}` (TRL) from `{base}` on `{dataset}`. The resolved recipe is in `r
 ```python
 from transformers import pipeline
 generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")
-print(generate([{{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"}}])[0]["generated_text"])
+question = "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"
+print(generate([{{"role": "user", "content": question}}])[0]["generated_text"][-1]["content"])
 ```
 """)
     log(f"{stage}: wrote {out} (model, tokenizer, metrics.json, recipe.yaml)")

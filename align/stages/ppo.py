@@ -1,10 +1,4 @@
-"""PPO with TRL's PPOTrainer (trl.experimental.ppo, trl 1.9-1.12; upstream deleted it in 1.13), with guards.
-
-Policy and reference come from the SFT model (the reference is the policy with its adapter disabled under LoRA),
-the reward model from `align reward`, and the value model is initialised from the reward model. What this module adds
-to the upstream trainer: the reward model must share the policy's tokenizer, pad must differ from eos, generation
-stops at eos, a NaN/inf loss stops the run with a message, and KL < 0 or val/ratio outside [0.5, 2] is warned about.
-Every PPO step is logged to output_dir/ppo_log.jsonl (KL, scores, rlhf_reward, ...)."""
+"""PPO with TRL's PPOTrainer (trl.experimental.ppo: trl 1.9-1.12, deleted upstream in 1.13) plus the guards it lacks."""
 
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ from pathlib import Path
 from accelerate import PartialState
 from trl import ModelConfig
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known and pinned: trl>=1.9,<1.13 (see the docstring)
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known and pinned: trl>=1.9,<1.13
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from align.stages.common import (
