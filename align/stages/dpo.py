@@ -52,7 +52,7 @@ def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_arg
         eval_dataset=to_dataset(evaluation) if evaluation else None,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, added),
-        callbacks=[NonFiniteGuard("dpo"), JsonlLogger(out / "log.jsonl")],
+        callbacks=[NonFiniteGuard("dpo"), JsonlLogger(out / "dpo_log.jsonl")],
     )
     return trainer, out
 

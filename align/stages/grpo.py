@@ -61,7 +61,7 @@ def build_trainer(script_args: GRPOArguments, training_args: GRPOConfig, model_a
         eval_dataset=to_dataset(evaluation) if evaluation else None,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, added),
-        callbacks=[NonFiniteGuard("grpo"), JsonlLogger(out / "log.jsonl")],
+        callbacks=[NonFiniteGuard("grpo"), JsonlLogger(out / "grpo_log.jsonl")],
     )
     return trainer, out
 

@@ -166,7 +166,7 @@ def build_trainer(script_args: RewardArguments, training_args: RewardConfig, mod
         eval_dataset=to_dataset(evaluation) if evaluation else None,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, task_type="SEQ_CLS"),
-        callbacks=[NonFiniteGuard("reward"), JsonlLogger(out / "log.jsonl")],
+        callbacks=[NonFiniteGuard("reward"), JsonlLogger(out / "reward_log.jsonl")],
     )
     return trainer, out
 

@@ -61,7 +61,7 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
         eval_dataset=to_dataset(evaluation) if evaluation else None,
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, added),
-        callbacks=[NonFiniteGuard("sft"), JsonlLogger(out / "log.jsonl")],
+        callbacks=[NonFiniteGuard("sft"), JsonlLogger(out / "sft_log.jsonl")],
     )
     return trainer, out
 
