@@ -187,7 +187,7 @@ def build_tokenizer(cfg: DataConfig, log):
         raise _empty_corpus(cfg, cleaner)
     t0 = time.time()
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    log(f"trained a {len(tokenizer)}-token BPE on {sum(map(len, texts)):,} characters in {time.time() - t0:.1f}s")
+    log(f"[data] trained a {len(tokenizer)}-token BPE on {sum(map(len, texts)):,} characters in {time.time() - t0:.1f}s")
     return tokenizer
 
 
