@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +66,9 @@ class PretrainConfig:
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb"})
-    peak_flops: float = field(default=0.0, metadata={"help": "per-device peak FLOP/s for MFU (0: known GPU or measured)"})
+    peak_flops: float = field(
+        default=0.0, metadata={"help": "per-device peak FLOP/s for MFU (0: a known GPU's, or measured at start)"}
+    )
 
 
 class ConfigError(ValueError):

@@ -285,7 +285,9 @@ class Cleaner:
 
     def summary(self) -> str:
         c = self.counts
-        dropped = ", ".join(f"{k.removeprefix('dropped_')} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_"))
+        dropped = ", ".join(
+            f"{k.removeprefix('dropped_')} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_")
+        )
         return (
             f"{c['documents_read']:,} documents read ({c['chars_read']:,} chars), {c['documents_kept']:,} kept "
             f"({c['chars_kept']:,} chars); dropped: {dropped or 'none'}"

@@ -44,7 +44,7 @@ class DataConfig:
     data_name: str = field(default="corpus", metadata={"help": "name of the prepared data (its cache directory)"})
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "where tokenizer + shards are cached (default: $ALIGN_HOME/data/NAME-KEY or runs/data/NAME-KEY)"},
+        metadata={"help": "tokenizer + shards cache (default: $ALIGN_HOME/data/NAME-KEY or runs/data/NAME-KEY)"},
     )
     sources: list[str] = field(
         default_factory=lambda: ["shakespeare", "arithmetic"],
@@ -67,7 +67,7 @@ class DataConfig:
     )
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "tokenizer directory or hub name; default: train a byte-level BPE on the corpus"}
+        default=None, metadata={"help": "tokenizer directory or hub name (default: train a byte-level BPE here)"}
     )
     vocab_size: int = field(default=2048, metadata={"help": "vocabulary of the BPE trained when no tokenizer is given"})
     tokenizer_train_chars: int = field(
@@ -147,7 +147,7 @@ def adapt_tokenizer(tokenizer):
     from align.tokenizer import CHAT_TEMPLATE, PAD_TOKEN, ROLE_TOKENS
 
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"tokenizer {tokenizer.name_or_path} is not a fast (Rust) tokenizer; align needs tokenizer.json")
+        raise DataError(f"tokenizer {tokenizer.name_or_path} is not a fast tokenizer: align needs tokenizer.json")
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {tokenizer.name_or_path} has no eos token; documents are separated by eos")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -187,7 +187,8 @@ def build_tokenizer(cfg: DataConfig, log):
         raise _empty_corpus(cfg, cleaner)
     t0 = time.time()
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    log(f"[data] trained a {len(tokenizer)}-token BPE on {sum(map(len, texts)):,} characters in {time.time() - t0:.1f}s")
+    chars = sum(map(len, texts))
+    log(f"[data] trained a {len(tokenizer)}-token BPE on {chars:,} characters in {time.time() - t0:.1f}s")
     return tokenizer
 
 
@@ -222,7 +223,8 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
                 yield text
 
         num_proc = cfg.num_proc or default_num_proc()
-        encoded = encode_documents(texts(), str(tmp / TOKENIZER_DIR / "tokenizer.json"), tokenizer.eos_token_id, num_proc)
+        tokenizer_file = str(tmp / TOKENIZER_DIR / "tokenizer.json")
+        encoded = encode_documents(texts(), tokenizer_file, tokenizer.eos_token_id, num_proc)
         t0 = time.time()
         for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
             writers[routes[i]].add(ids)

@@ -164,8 +164,8 @@ class BatchLoader:
         self.n_windows = int(sum(max(u, 0) for u in usable))
         if self.n_windows == 0:
             raise DataError(
-                f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for one window of block_size "
-                f"{block_size} (+1); add data, raise val_fraction, or lower block_size"
+                f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for one window "
+                f"of block_size {block_size} (+1); add data, raise val_fraction, or lower block_size"
             )
         self.ends = np.cumsum([max(u, 0) for u in usable])
         self._epochs: dict[int, tuple[np.ndarray, int]] = {}
