@@ -93,12 +93,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             is_causal = False
-        # GQA/MQA: each group of n_head // n_kv_head query heads shares one key/value head.
-        if self.n_kv_head != self.n_head:
-            repeat = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        # GQA/MQA: each group of n_head // n_kv_head query heads shares one key/value head; SDPA broadcasts
+        # them itself, without materialising the repeated keys and values.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
