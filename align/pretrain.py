@@ -480,6 +480,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         "mfu": flops_per_token * (sum(steady) / len(steady)) / (peak * world) if steady else None,
         "processes": world,
         "runtime_s": round(time.perf_counter() - started, 1),
+        "data_dir": str(data_dir),
     }
     if main:
         write_json(output_dir / METRICS_FILE, metrics)

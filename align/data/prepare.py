@@ -34,7 +34,8 @@ from align.data.shards import (
 )
 from align.runs import read_json, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`)
+VAL_DOCUMENTS = "val.jsonl"
 # Fields that do not change what is built, so they are left out of the cache key.
 NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
 
@@ -217,9 +218,14 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
         cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
         routes = []  # the split of each document, in the order encode_documents returns them
 
+        val_documents = (tmp / VAL_DOCUMENTS).open("w")
+
         def texts():
             for text, digest in documents(cfg, cleaner):
-                routes.append("val" if is_validation(digest, cfg.val_fraction) else "train")
+                route = "val" if is_validation(digest, cfg.val_fraction) else "train"
+                routes.append(route)
+                if route == "val":
+                    val_documents.write(json.dumps({"text": text}) + "\n")
                 yield text
 
         num_proc = cfg.num_proc or default_num_proc()
@@ -229,6 +235,7 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
         for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
             writers[routes[i]].add(ids)
         splits = {split: w.close() for split, w in writers.items()}
+        val_documents.close()
         if cleaner.counts["documents_kept"] == 0:
             raise _empty_corpus(cfg, cleaner)
         for split in SPLITS:

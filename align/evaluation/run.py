@@ -19,8 +19,9 @@ log = logging.getLogger("align.eval")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="align eval", description="evaluate a checkpoint with lm-evaluation-harness")
     p.add_argument("--model", required=True, help="Hugging Face model directory (what `align export`/stages write)")
-    p.add_argument("--suite", help="named suite from evals/suites.yaml: core (default) or quick")
-    p.add_argument("--tasks", nargs="+", help="task, group or tag names instead of a suite (e.g. mmlu gsm8k)")
+    p.add_argument("--suite", help="named suite from evals/suites.yaml: core (default), quick, tiny or smoke")
+    p.add_argument("--tasks", nargs="+", help="task, group or tag names instead of a suite (e.g. mmlu gsm8k); with "
+                                              "--suite, only these of the suite's tasks, with its settings")
     p.add_argument("--limit", type=int, help="at most N documents per task (overrides the suite's limits)")
     p.add_argument("--num_fewshot", type=int, help="few-shot examples for every task (overrides suite and YAML)")
     p.add_argument("--max_new_tokens", type=int, help="cap on generated tokens for generation tasks")
@@ -41,8 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", help="results JSON (default: MODEL/eval/results.json)")
     args = p.parse_args(argv)
-    if args.suite and args.tasks:
-        p.error("give --suite or --tasks, not both")
     return args
 
 
@@ -210,7 +209,7 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
     order = [s.task for s in selections]
     return {
         "align": {
-            "model": str(Path(args.model).resolve()), "peft": args.peft, "suite": None if args.tasks else args.suite or "core",
+            "model": str(Path(args.model).resolve()), "peft": args.peft, "suite": args.suite or (None if args.tasks else "core"),
             "tasks": order, "lm_eval_tasks": len(task_names(objects)), "limit": args.limit, "num_fewshot": args.num_fewshot,
             "apply_chat_template": args.apply_chat_template, "device": device, "batch_size": args.batch_size,
             "source": args.source, "seconds": round(seconds, 2), "sandbox_isolation": isolation,

@@ -68,7 +68,15 @@ def available_tasks() -> list[str]:
 
 def select(suite: str | None, tasks: list[str] | None, files: dict[str, str | None]) -> list[Selection]:
     """The tasks to run. A suite's tasks that read a run-time file not given are skipped; a task named
-    explicitly without its file is an error."""
+    explicitly without its file is an error. With both a suite and tasks, the named tasks of the suite run with
+    the suite's settings."""
+    if suite and tasks:
+        chosen = [s for s in select(suite, None, files) if s.task in tasks]
+        missing = [t for t in tasks if t not in {s.task for s in chosen}]
+        if missing:
+            raise EvalError(f"task(s) {', '.join(missing)} are not in suite {suite!r} (or their file was not given); "
+                            f"its tasks: {', '.join(suites()[suite])}")
+        return chosen
     if tasks:
         known = set(available_tasks())
         unknown = [t for t in tasks if t not in known]

