@@ -210,11 +210,12 @@ class Pipeline:
         self.print_summary(summary)
 
     def print_summary(self, summary: dict) -> None:
-        shown = ("demo_accuracy", "reward_mean", "win_rate_vs_sft", "ppl_corpus", "mmlu", "gsm8k", "arc_easy",
-                 "arc_challenge", "humaneval")
+        shown = ("demo_accuracy", "reward_mean", "win_rate_vs_sft", "corpus_bits_per_byte", "mmlu", "gsm8k",
+                 "arc_easy", "arc_challenge", "humaneval")
         models = summary["models"]
         present = list(dict.fromkeys(m for n in models for m in models[n]["metrics"]))
-        metrics = [m for m in present if m.startswith(shown)]
+        metrics = [m for prefix in shown for m in present if m.startswith(prefix) and
+                   not m.endswith(("_flexible", "_norm"))]
         print("\n| model | " + " | ".join(metrics) + " |")
         print("|---|" + "---:|" * len(metrics))
         for name, entry in models.items():

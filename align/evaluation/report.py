@@ -307,6 +307,7 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
             entry["metrics"][metric] = metric_entry(value)
 
     metrics = list(dict.fromkeys(m for e in entries for m in e["metrics"]))
+    metrics.sort(key=lambda m: 0 if m == ACCURACY_METRIC else 1 if m in REWARD_METRICS or m.startswith("win_rate") else 2)
     flags = reward_hacking(entries)
     generations = {}
     if prompts:
@@ -388,10 +389,10 @@ def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> st
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table_rows(entries, metrics)]
     parts += ["</table>"]
     if bars:
-        parts += ["<h2>Metrics</h2>", f"<img alt='metrics' src='data:image/png;base64,{bars}'>"]
+        parts += ["<h2>Metrics</h2>", f"<img alt='metrics' style='max-width:100%' src='data:image/png;base64,{bars}'>"]
     if curves:
         parts += ["<h2>Training curves</h2>"]
-        parts += [f"<h3>{esc(title)}</h3><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+        parts += [f"<h3>{esc(title)}</h3><img alt='{esc(title)}' style='max-width:100%' src='data:image/png;base64,{data}'>"
                   for title, data in curves]
     if generations:
         parts += ["<h2>Generations (greedy)</h2>"]

@@ -1,0 +1,100 @@
+"""`align pipeline --preset smoke`: every stage in order, outputs that load, skipping and rerunning, the report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def run_pipeline(out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGN_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "align.cli", "pipeline", "--preset", "smoke", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    out, home = root / "run", root / "home"
+    result = run_pipeline(out, home)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, home, result.stdout
+
+
+def test_every_stage_writes_its_directory(smoke_run):
+    out, home, _ = smoke_run
+    for stage in ("base", "sft", "ppo"):
+        assert (out / stage / "config.json").is_file() and (out / stage / "model.safetensors").is_file()
+        assert (out / stage / "tokenizer.json").is_file()
+    for stage in ("sft", "reward", "ppo"):
+        metrics = json.loads((out / stage / "metrics.json").read_text())
+        assert metrics["stage"] == stage
+        assert (out / stage / "recipe.yaml").is_file()
+    assert (out / "pretrain" / "train_log.jsonl").is_file() and (out / "ppo" / "ppo_log.jsonl").is_file()
+    assert {p.name for p in (out / "data").iterdir()} >= {"sft.jsonl", "preferences.jsonl", "prompts.jsonl",
+                                                         "heldout.jsonl"}
+    assert (home / "data").is_dir()  # the prepared corpus went to ALIGN_HOME, not into the repository
+    timings = json.loads((out / "pipeline.json").read_text())["seconds"]
+    assert set(timings) == {"pretrain", "base", "sft", "reward", "ppo", "eval", "report"}
+
+
+def test_aligned_models_load_and_generate(smoke_run):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    out, _, _ = smoke_run
+    chat = pipeline("text-generation", model=str(out / "ppo"), device="cpu")
+    reply = chat([{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many?\nAnswer:"}],
+                 max_new_tokens=12, do_sample=False)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+    reward = AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    assert reward.config.num_labels == 1
+
+
+def test_report_compares_base_sft_and_ppo(smoke_run):
+    out, _, stdout = smoke_run
+    report = out / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert list(summary["models"]) == ["base", "sft", "ppo"]
+    for name in ("base", "sft", "ppo"):
+        metrics = summary["models"][name]["metrics"]
+        assert 0.0 <= metrics["demo_accuracy"] <= 1.0
+        assert "reward_mean" in metrics and "corpus_bits_per_byte" in metrics
+    assert 0.0 <= summary["models"]["ppo"]["metrics"]["win_rate_vs_sft"] <= 1.0
+    html = (report / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # metric bars, pretraining and PPO curves
+    assert "demo_accuracy" in (report / "report.md").read_text()
+    assert "| model | demo_accuracy" in stdout and str(report / "index.html") in stdout
+
+
+def test_rerun_skips_finished_stages_and_from_reruns(smoke_run):
+    out, home, _ = smoke_run
+    again = run_pipeline(out, home)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("complete, skipped") == 7
+    before = (out / "report" / "summary.json").stat().st_mtime_ns
+    rerun = run_pipeline(out, home, "--from", "report")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("complete, skipped") == 6
+    assert (out / "report" / "summary.json").stat().st_mtime_ns > before
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    result = run_pipeline(tmp_path / "x", tmp_path / "home", "--preset", "huge")
+    assert result.returncode != 0 and "preset 'huge'" in result.stderr and "tiny" in result.stderr
+
+
+def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
+    import screenshot_report
+
+    if screenshot_report.find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    out, _, _ = smoke_run
+    png = screenshot_report.screenshot(out / "report" / "index.html", tmp_path / "report.png", height=1600)
+    # The plots are the only coloured things on the page: without them the share is ~0.
+    assert screenshot_report.coloured_share(png) > 0.02
