@@ -3,7 +3,7 @@
 Each stage runs as its own process (`python -m align.cli STAGE`, or `accelerate launch` with
 --accelerate_config) on the recipe `recipes/<preset>/<stage>.yaml`, reading the previous stage's directory
 under --out and writing its own. A stage whose output is complete is skipped, so an interrupted pipeline
-continues where it stopped; --from STAGE reruns that stage and everything after it.
+continues where it stopped; --from STAGE reruns that stage and everything after it; --to STAGE stops after it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class Pipeline:
 
     def command(self, stage: str, *args: str, launch: bool = True) -> list[str]:
         if launch and self.accelerate_config:
-            return ["accelerate", "launch", "--config_file", self.accelerate_config, "-m", "align.cli", stage, *args]
+            return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config, "-m",
+                    "align.cli", stage, *args]
         return [sys.executable, "-m", "align.cli", stage, *args]
 
     def run(self, cmd: list[str]) -> None:
@@ -228,10 +229,10 @@ class Pipeline:
             print(f"\n!! {flag}")
         print(f"\nreport: {self.dir('report') / 'index.html'}  (also report.md, summary.json)")
 
-    def __call__(self, start: str | None) -> None:
+    def __call__(self, start: str | None, end: str = STAGES[-1]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         rerun = STAGES[STAGES.index(start):] if start else ()
-        for i, stage in enumerate(STAGES, 1):
+        for i, stage in enumerate(STAGES[:STAGES.index(end) + 1], 1):
             if stage in rerun:
                 self.clear(stage)
             if self.complete(stage):
@@ -265,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="recipes/<preset>/ (tiny: CPU demo; smoke: a few steps)")
     parser.add_argument("--out", required=True, help="run directory, e.g. runs/quickstart")
     parser.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every stage after it")
+    parser.add_argument("--to", dest="end", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     parser.add_argument("--accelerate_config", help="run the training stages under `accelerate launch` with this "
                                                     "config, e.g. recipes/accelerate/multi_gpu.yaml")
     args, overrides = parser.parse_known_args(argv)
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        parser.error(f"--accelerate_config {args.accelerate_config}: no such file (see recipes/accelerate/)")
+    if args.start and STAGES.index(args.start) > STAGES.index(args.end):
+        parser.error(f"--from {args.start} comes after --to {args.end}")
     (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides])
     out = Path(args.out)
-    Pipeline(args.preset, out, config, args.accelerate_config)(args.start)
+    Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
     save_recipe(out, config, extra={"preset": args.preset})
     return 0

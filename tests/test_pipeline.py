@@ -98,3 +98,18 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     png = screenshot_report.screenshot(out / "report" / "index.html", tmp_path / "report.png", height=1600)
     # The plots are the only coloured things on the page: without them the share is ~0.
     assert screenshot_report.coloured_share(png) > 0.02
+
+
+def test_accelerate_config_runs_training_stages_as_two_processes(tmp_path):
+    out = tmp_path / "run"
+    result = run_pipeline(out, tmp_path / "home", "--to", "sft", "--accelerate_config",
+                          str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "sft" / "metrics.json").read_text())["num_processes"] == 2
+    assert not (out / "reward").exists() and not (out / "report").exists()  # --to sft stopped there
+
+
+def test_missing_accelerate_config_is_refused(tmp_path):
+    result = run_pipeline(tmp_path / "x", tmp_path / "home", "--accelerate_config", "nope.yaml")
+    assert result.returncode != 0 and "nope.yaml: no such file" in result.stderr
+    assert not (tmp_path / "x").exists()
