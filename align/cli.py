@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # command -> (module with a `main(argv)` function, one-line help)
 COMMANDS = {
@@ -34,17 +35,21 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, or its run's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
-    model = load_checkpoint(args.checkpoint)
-    tokenizer_dir = args.tokenizer or _find_tokenizer(args.checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out = export(model, tokenizer, args.out, overwrite=args.overwrite)
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        parser.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there (give the directory a tokenizer was "
+                     "saved to, e.g. runs/NAME/tokenizer)")
+    try:
+        model = load_checkpoint(args.checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _find_tokenizer(args.checkpoint))
+        out = export(model, tokenizer, args.out, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        print(f"align export: error: {e}", file=sys.stderr)
+        return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
 
 def _find_tokenizer(checkpoint: str) -> str:
-    from pathlib import Path
-
     ckpt = Path(checkpoint)
     for candidate in (ckpt, ckpt / "tokenizer", ckpt.parent / "tokenizer", ckpt.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():

@@ -191,3 +191,19 @@ def test_checkpoint_round_trip_and_export_command(tmp_path, tiny_tokenizer):
         assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
     with pytest.raises(FileNotFoundError, match="gpt_config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_export_command_bad_input_is_a_clear_error_without_traceback(tmp_path, tiny_tokenizer):
+    model = randomized(dict(tie_embeddings=True))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000010"
+    save_checkpoint(model, ckpt)
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    corrupt = subprocess.run([sys.executable, "-m", "align.cli", "export", str(ckpt), "--out", str(tmp_path / "a")],
+                             capture_output=True, text=True)
+    missing_tok = subprocess.run([sys.executable, "-m", "align.cli", "export", str(ckpt), "--out",
+                                  str(tmp_path / "b"), "--tokenizer", str(tmp_path / "nowhere")],
+                                 capture_output=True, text=True)
+    for result, needle in ((corrupt, "model.safetensors does not hold the weights"), (missing_tok, "nowhere")):
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers import (
     GenerationConfig,
@@ -262,7 +263,14 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
                 f"and {WEIGHTS_FILE} (e.g. runs/NAME/checkpoints/step-000300)"
             )
     model = GPT(GPTConfig.load(ckpt_dir / CONFIG_FILE))
-    load_model(model, str(ckpt_dir / WEIGHTS_FILE), strict=True, device=map_location)
+    try:
+        load_model(model, str(ckpt_dir / WEIGHTS_FILE), strict=True, device=map_location)
+    except (SafetensorError, RuntimeError, OSError) as e:  # a corrupt file; size or key mismatches
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"{ckpt_dir / WEIGHTS_FILE} does not hold the weights {ckpt_dir / CONFIG_FILE} describes (corrupt, or "
+            f"from another model): {reason}"
+        ) from e
     return model.eval()
 
 
