@@ -52,12 +52,17 @@ def stage_recipe(preset: str, stage: str) -> Path:
     return path
 
 
+def newest_file(directory: Path) -> float:
+    """mtime of the newest file directly in a directory (a model's weights, config and tokenizer)."""
+    return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=0.0)
+
+
 class Pipeline:
     def __init__(self, preset: str, out: Path, config: PipelineConfig, accelerate_config: str | None):
         self.preset, self.out, self.config, self.accelerate_config = preset, out, config, accelerate_config
-        self.timings: dict[str, float] = {}
-        state_file = out / "pipeline.json"
-        self.timings = read_json(state_file).get("seconds", {}) if state_file.is_file() else {}
+        state = read_json(out / "pipeline.json") if (out / "pipeline.json").is_file() else {}
+        self.timings: dict[str, float] = state.get("seconds", {})
+        self.finished: dict[str, float] = state.get("finished", {})  # stage -> time.time() when it completed
 
     # --- where things are
 
@@ -146,9 +151,12 @@ class Pipeline:
     def stage_eval(self):
         tasks = self.available_tasks()
         for name in MODELS:
-            if not (self.dir("eval") / name / "results.json").is_file():
+            results = self.dir("eval") / name / "results.json"
+            if not results.is_file() or results.stat().st_mtime < newest_file(self.dir(name)):
                 self.evaluate(name, tasks, self.dir("eval") / name)
-        if not all((self.dir("eval") / name / "extra_metrics.json").is_file() for name in MODELS):
+        extra = [self.dir("eval") / name / "extra_metrics.json" for name in MODELS]
+        if not all(f.is_file() for f in extra) or min(f.stat().st_mtime for f in extra) < max(
+                newest_file(self.dir(name)) for name in (*MODELS, "reward")):
             self.reward_metrics()
 
     def available_tasks(self) -> list[str]:
@@ -232,22 +240,31 @@ class Pipeline:
     def __call__(self, start: str | None, end: str = STAGES[-1]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         rerun = STAGES[STAGES.index(start):] if start else ()
+        upstream_finished = 0.0  # when the newest stage before this one completed
         for i, stage in enumerate(STAGES[:STAGES.index(end) + 1], 1):
             if stage in rerun:
                 self.clear(stage)
+            elif self.complete(stage) and self.finished.get(stage, upstream_finished) < upstream_finished:
+                # Complete, but built from an older version of an earlier stage (rerun with --from/--to or
+                # interrupted): a report must never mix models.
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: older than the stages before it, running it again")
+                self.clear(stage)
             if self.complete(stage):
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: complete, skipped")
+                upstream_finished = max(upstream_finished, self.finished.get(stage, 0.0))
                 continue
             print(f"\n[pipeline] {i}/{len(STAGES)} {stage} ...", flush=True)
             t0 = time.time()
             getattr(self, f"stage_{stage}")()
             self.timings[stage] = round(time.time() - t0, 1)
-            write_json(self.out / "pipeline.json", {"preset": self.preset, "seconds": self.timings})
+            self.finished[stage] = upstream_finished = time.time()
+            write_json(self.out / "pipeline.json",
+                       {"preset": self.preset, "seconds": self.timings, "finished": self.finished})
         total = sum(self.timings.values())
         print(f"[pipeline] stage times (s): {self.timings}; total {total / 60:.1f} min")
 
     def clear(self, stage: str) -> None:
-        """Make a stage incomplete for --from: its output is moved aside (never deleted) or, for derived outputs
+        """Make a stage incomplete (--from, or stale): its output is moved aside (never deleted) or, for derived outputs
         (base, eval, report), removed."""
         d = self.dir(stage)
         if not d.exists():
@@ -255,7 +272,7 @@ class Pipeline:
         if stage in ("pretrain", "sft", "reward", "ppo"):
             backup = d.with_name(f"{d.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(d, backup)
-            print(f"[pipeline] --from {stage}: moved {d} to {backup}")
+            print(f"[pipeline] {stage}: moved {d} to {backup}")
         else:
             shutil.rmtree(d)
 
@@ -271,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     "config, e.g. recipes/accelerate/multi_gpu.yaml")
     args, overrides = parser.parse_known_args(argv)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
-        parser.error(f"--accelerate_config {args.accelerate_config}: no such file (see recipes/accelerate/)")
+        # recipes/accelerate/X.yaml names the repository's copy from any working directory, as --preset does
+        bundled = RECIPES.parent / args.accelerate_config
+        if not bundled.is_file():
+            parser.error(f"--accelerate_config {args.accelerate_config}: no such file (see {RECIPES / 'accelerate'})")
+        args.accelerate_config = str(bundled)
     if args.start and STAGES.index(args.start) > STAGES.index(args.end):
         parser.error(f"--from {args.start} comes after --to {args.end}")
     (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides])

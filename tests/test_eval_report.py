@@ -83,3 +83,77 @@ def test_compare_bad_inputs(tmp_path, capsys):
     assert "run `align eval --model" in capsys.readouterr().err
     with pytest.raises(report.CompareError, match="2 --names for 1 inputs"):
         report.build_report([results_file(tmp_path / "x.json", {})], tmp_path / "r", names=["a", "b"], prompts=None)
+
+
+def pipeline_run(run, names=("base", "sft", "ppo")):
+    """What `align pipeline` leaves: RUN/NAME model directories, RUN/eval/NAME/{results,extra_metrics}.json."""
+    for i, name in enumerate(names):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")  # a model directory (no generations in these tests)
+        results_file(run / "eval" / name / "results.json", {"demo_accuracy": ((0.1, 0.2, 0.3)[i], 0.01, 100)},
+                     model=run / name)
+        (run / "eval" / name / "extra_metrics.json").write_text(json.dumps({"reward_mean": (0.0, 0.2, 0.4)[i]}))
+
+
+def test_readme_compare_command_on_a_pipeline_run(tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    pipeline_run(run)
+    # the README's `align compare runs/x/base runs/x/sft runs/x/ppo --out runs/x/report`
+    assert report.main([str(run / "base"), str(run / "sft"), str(run / "ppo"), "--out", str(run / "report"),
+                        "--no_generations"]) == 0
+    models = json.loads((run / "report" / "summary.json").read_text())["models"]
+    assert list(models) == ["base", "sft", "ppo"]
+    assert models["ppo"]["metrics"] == {"demo_accuracy": 0.3, "reward_mean": 0.4}  # extra_metrics.json picked up
+    assert models["sft"]["results"] == str(run / "eval" / "sft" / "results.json")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_model_without_results_is_an_error_without_generations_and_a_warning_with_them(tmp_path, capsys, monkeypatch):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert report.main([str(tmp_path / "m"), "--out", str(tmp_path / "r"), "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align compare: error: {tmp_path / 'm'} is a model directory without evaluation results")
+    assert f"run `align eval --model {tmp_path / 'm'}` first" in err and not (tmp_path / "r").exists()
+
+    monkeypatch.setattr(report, "generate", lambda model_dir, prompts, chat, n: ["ok"] * len(prompts))
+    assert report.main([str(tmp_path / "m"), "--out", str(tmp_path / "r")]) == 0  # generations only: documented
+    assert "align compare: warning: m: " in capsys.readouterr().err
+
+
+def test_out_holding_anything_but_a_previous_report_needs_overwrite(tmp_path, capsys, monkeypatch):
+    a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.5, 0.01, 100)})
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert report.main([str(a), "--out", str(out), "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align compare: error: --out {out} is not empty and is not a previous report (it holds "
+                          "notes.txt)") and "pass --overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    assert report.main([str(a), "--out", str(out), "--no_generations", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "report.md", "summary.json"]
+    (backup,) = tmp_path.glob("r.old-*")  # moved aside, not deleted
+    assert (backup / "notes.txt").read_text() == "mine"
+
+    # a previous report is replaced without --overwrite (the pipeline's report stage relies on this) ...
+    b = results_file(tmp_path / "b.json", {"demo_accuracy": (0.7, 0.01, 100)})
+    assert report.main([str(b), "--out", str(out), "--no_generations"]) == 0
+    assert list(json.loads((out / "summary.json").read_text())["models"]) == ["b"]
+    # ... and only once the new one is complete: a failure leaves it as it was, and no temporary directory
+    monkeypatch.setattr(report, "html_page", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        report.build_report([a], out, prompts=None)
+    assert list(json.loads((out / "summary.json").read_text())["models"]) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", "b.json", "r", backup.name])
+
+
+def test_extra_for_an_unknown_name_is_an_error(tmp_path, capsys):
+    a = results_file(tmp_path / "sft.json", {"demo_accuracy": (0.5, 0.01, 100)})
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"reward_mean": 0.5}))
+    assert report.main([str(a), "--out", str(tmp_path / "r"), "--extra", f"nobody={extra}", "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("align compare: error: --extra nobody=") and "'nobody'" in err and "the models are sft" in err
+    assert not (tmp_path / "r").exists()

@@ -84,6 +84,21 @@ def test_rerun_skips_finished_stages_and_from_reruns(smoke_run):
     assert (out / "report" / "summary.json").stat().st_mtime_ns > before
 
 
+def test_stages_older_than_a_rerun_stage_are_run_again(smoke_run):
+    out, home, _ = smoke_run
+    only_ppo = run_pipeline(out, home, "--from", "ppo", "--to", "ppo")
+    assert only_ppo.returncode == 0, only_ppo.stderr[-2000:]
+    assert "ppo ..." in only_ppo.stdout and "eval ..." not in only_ppo.stdout  # --to ppo stopped there
+    assert list(out.glob("ppo.old-*"))  # the previous PPO model was moved aside, not deleted
+    again = run_pipeline(out, home)  # eval and report were built from the old PPO model: both must be redone
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "eval: older than the stages before it" in again.stdout
+    assert "report: older than the stages before it" in again.stdout
+    ppo_done = (out / "ppo" / "metrics.json").stat().st_mtime
+    assert (out / "eval" / "ppo" / "results.json").stat().st_mtime > ppo_done
+    assert (out / "report" / "summary.json").stat().st_mtime > ppo_done
+
+
 def test_unknown_preset_is_refused(tmp_path):
     result = run_pipeline(tmp_path / "x", tmp_path / "home", "--preset", "huge")
     assert result.returncode != 0 and "preset 'huge'" in result.stderr and "tiny" in result.stderr

@@ -8,12 +8,15 @@ import html
 import io
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
-from align.runs import read_json, write_json
+from align.runs import prepare_output_dir, read_json
 
 RESULT_FILES = ("eval/results.json", "results.json", "eval_results.json")
+REPORT_FILES = ("summary.json", "report.md", "index.html")  # what build_report writes to its output directory
 EXTRA_FILE = "extra_metrics.json"  # {metric: value or {"value", "stderr", "n", "higher_is_better"}}
 LOG_FILES = ("train_log.jsonl", "ppo_log.jsonl", "grpo_log.jsonl", "dpo_log.jsonl", "sft_log.jsonl", "reward_log.jsonl")
 REWARD_METRICS = ("reward_mean", "reward", "rlhf_reward")  # the first one present is the reward
@@ -35,8 +38,15 @@ class CompareError(ValueError):
 # loading
 
 
+def pipeline_results(model_dir: Path) -> Path:
+    """Where `align pipeline` evaluates RUN/NAME: RUN/eval/NAME/results.json (extra_metrics.json beside it)."""
+    model_dir = Path(os.path.abspath(model_dir))  # `.` and `..` have no name; symlinks are kept as given
+    return model_dir.parent / "eval" / model_dir.name / "results.json"
+
+
 def find_results(path: Path) -> tuple[Path | None, Path | None]:
-    """(results JSON, model directory) for a results file or a directory holding one (or a model)."""
+    """(results JSON, model directory) for a results file or a directory holding one (or a model); a model
+    without results of its own may have them in the pipeline's layout (see pipeline_results)."""
     if path.is_file():
         return path, None
     if not path.is_dir():
@@ -45,7 +55,7 @@ def find_results(path: Path) -> tuple[Path | None, Path | None]:
         if (path / name).is_file():
             return path / name, path if (path / "config.json").is_file() else None
     if (path / "config.json").is_file():
-        return None, path
+        return (pipeline_results(path) if pipeline_results(path).is_file() else None), path
     raise CompareError(f"{path} holds no evaluation results ({', '.join(RESULT_FILES)}) and is not a model directory; "
                        f"run `align eval --model {path}` first")
 
@@ -282,17 +292,63 @@ def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int
 # the report
 
 
+def is_previous_report(out: Path) -> bool:
+    """Whether `out` holds nothing but a report build_report wrote (which a new report may replace)."""
+    names = {p.name for p in out.iterdir()}
+    return "summary.json" in names and names <= set(REPORT_FILES)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory holding anything but a previous report, unless overwrite (before any work)."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file; give a directory for the report")
+    if out.is_dir() and any(out.iterdir()) and not is_previous_report(out) and not overwrite:
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise CompareError(f"--out {out} is not empty and is not a previous report (it holds {found}); choose another "
+                           f"--out, or pass --overwrite to move it aside to {out.name}.old-<time> and write the report")
+
+
+def write_report(out: Path, files: dict[str, str]) -> None:
+    """Write the report's files to a temporary directory beside `out`, then rename it into place, so `out` never
+    holds half a report. A previous report in `out` is replaced; anything else there is moved aside, never
+    deleted (check_out_dir has refused it unless --overwrite)."""
+    out = Path(os.path.abspath(out))  # `--out .` has no name to put a temporary directory beside
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    old = None
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if out.is_dir() and any(out.iterdir()):
+            if is_previous_report(out):
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+            else:
+                prepare_output_dir(out, overwrite=True)  # moves it to <out>.old-<time>, leaves an empty `out`
+        os.replace(tmp, out)  # onto a missing or empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str] | None = None,
                  extra_metrics: dict[str, dict] | None = None, prompts: list[str] | None = PROMPTS,
-                 max_new_tokens: int = 40) -> dict:
+                 max_new_tokens: int = 40, overwrite: bool = False) -> dict:
     """Write report.md, index.html and summary.json to out_dir; returns the summary.
 
     extra_metrics: {model name: {metric: value or {"value", "stderr", "n", "higher_is_better"}}}, merged with
-    each model's extra_metrics.json (e.g. the pipeline's reward_mean and PPO-vs-SFT win rate)."""
+    each model's extra_metrics.json (e.g. the pipeline's reward_mean and PPO-vs-SFT win rate).
+    out_dir may be missing, empty or hold a previous report (replaced); anything else needs overwrite."""
     if not inputs:
         raise CompareError("give at least one results file or model directory")
     if names and len(names) != len(inputs):
         raise CompareError(f"{len(names)} --names for {len(inputs)} inputs")
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
     entries = []
     for i, path in enumerate(inputs):
         entry = load_entry(path, names[i] if names else None)
@@ -302,6 +358,16 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
         seen[entry["name"]] = seen.get(entry["name"], 0) + 1
         if seen[entry["name"]] > 1:
             entry["name"] = f"{entry['name']}-{seen[entry['name']]}"
+    for path, entry in zip(inputs, entries):
+        if entry["results"] is None and not prompts:
+            raise CompareError(f"{path} is a model directory without evaluation results (none in it, nor at "
+                               f"{pipeline_results(path)}) and generations are off: run `align eval --model {path}` "
+                               "first")
+    known = [e["name"] for e in entries]
+    for name in extra_metrics or {}:
+        if name not in known:
+            raise CompareError(f"--extra {name}=...: no model is named {name!r}; the models are "
+                               f"{', '.join(known)} (set them with --names)")
     for entry in entries:
         for metric, value in (extra_metrics or {}).get(entry["name"], {}).items():
             entry["metrics"][metric] = metric_entry(value)
@@ -315,8 +381,6 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
             if e["model_dir"]:
                 generations[e["name"]] = generate(e["model_dir"], prompts, e["chat"], max_new_tokens)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {
         "models": {e["name"]: {
             "metrics": {m: v["value"] for m, v in e["metrics"].items()},
@@ -327,11 +391,13 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
         "baseline": entries[0]["name"],
         "flags": flags,
     }
-    write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(markdown(entries, metrics, flags, generations, prompts or []))
     bars = plot_metrics(entries, metrics)
     curves = [img for e in entries for img in plot_curves(e["name"], e["logs"])]
-    (out / "index.html").write_text(html_page(entries, metrics, flags, generations, prompts or [], bars, curves))
+    write_report(out, {
+        "summary.json": json.dumps(summary, indent=2, default=str) + "\n",
+        "report.md": markdown(entries, metrics, flags, generations, prompts or []),
+        "index.html": html_page(entries, metrics, flags, generations, prompts or [], bars, curves),
+    })
     return summary
 
 
@@ -414,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", help="JSON list of prompts for side-by-side generations")
     p.add_argument("--no_generations", action="store_true", help="skip generating from model directories")
     p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds more than a previous report (it is moved aside, not deleted)")
     args = p.parse_args(argv)
     try:
         extra = {}
@@ -423,10 +491,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise CompareError(f"--extra {item}: expected NAME=FILE with an existing JSON file")
             extra[name] = read_json(file)
         prompts = None if args.no_generations else (read_json(args.prompts) if args.prompts else PROMPTS)
-        summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens)
+        summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens, args.overwrite)
     except CompareError as err:
         print(f"align compare: error: {err}", file=sys.stderr)
         return 2
+    for name, model in summary["models"].items():
+        if model["results"] is None:
+            print(f"align compare: warning: {name}: {model['model_dir']} has no evaluation results, so the report "
+                  f"shows only its generations; run `align eval --model {model['model_dir']}` first", file=sys.stderr)
     for flag in summary["flags"]:
         print(f"WARNING {flag}")
     print(f"report: {Path(args.out) / 'index.html'} (and report.md, summary.json)")
