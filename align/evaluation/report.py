@@ -470,6 +470,13 @@ def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> st
     return "\n".join(parts)
 
 
+def read_json_arg(flag: str, file: str):
+    try:
+        return read_json(file)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompareError(f"{flag} {file}: not a readable JSON file ({err})") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="align compare", description="compare evaluated models in a report")
     p.add_argument("inputs", nargs="+", help="results JSON files (from `align eval`) or model/run directories")
@@ -489,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             name, sep, file = item.partition("=")
             if not sep or not Path(file).is_file():
                 raise CompareError(f"--extra {item}: expected NAME=FILE with an existing JSON file")
-            extra[name] = read_json(file)
-        prompts = None if args.no_generations else (read_json(args.prompts) if args.prompts else PROMPTS)
+            extra[name] = read_json_arg("--extra", file)
+        prompts = None if args.no_generations else (read_json_arg("--prompts", args.prompts) if args.prompts else PROMPTS)
         summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens, args.overwrite)
     except CompareError as err:
         print(f"align compare: error: {err}", file=sys.stderr)
