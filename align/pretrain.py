@@ -209,9 +209,12 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device) -> torch
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary name is only renamed once everything is written)."""
+    """Complete checkpoints, oldest first. A checkpoint is renamed from its temporary name only once everything
+    is written; a step directory without our own files (written last) was damaged or made by hand, and is passed
+    over."""
     root = output_dir / CHECKPOINTS
-    return sorted(root.glob("step-[0-9]*")) if root.is_dir() else []
+    found = sorted(root.glob("step-[0-9]*")) if root.is_dir() else []
+    return [d for d in found if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) -> Path:
@@ -354,6 +357,9 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if ckpts:
             accelerator.load_state(str(ckpts[-1]))
             log(f"[pretrain] resumed from {ckpts[-1]} (step {train_state.step})")
+            if train_state.step >= cfg.max_steps:
+                log(f"[pretrain] the checkpoint is at step {train_state.step} >= --max_steps {cfg.max_steps}: "
+                    "nothing left to train; writing the export and metrics again (raise --max_steps to go on)")
         else:
             log(f"[pretrain] --resume: no complete checkpoint in {output_dir / CHECKPOINTS}; starting at step 0")
         if main:

@@ -135,8 +135,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(setup, reference):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [r["step"] for r in log_of(out)] == list(range(1, 7))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
+    damaged = out / "checkpoints" / "step-000006"  # not written by the run (those are renamed when complete)
+    damaged.mkdir()
+    (damaged / "random_states_0.pkl").write_bytes(b"")
 
-    assert run(recipe, out, "--resume") == 0
+    assert run(recipe, out, "--resume") == 0  # from step-000004, passing over the damaged step-000006
     resumed, uninterrupted = log_of(out), log_of(reference)
     assert [r["step"] for r in resumed] == list(range(1, 13))  # steps 5-6 of the killed run were replaced
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
@@ -165,9 +168,11 @@ def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     monkeypatch.setattr(BatchLoader, "batch", original)
     assert run(recipe, out, "--resume") == 0
     assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
-    # resuming a finished run does not train again
+    # resuming a finished run does not train again, and says so
+    capsys.readouterr()
     assert run(recipe, out, "--resume") == 0
     assert len(log_of(out)) == 12
+    assert "nothing left to train" in capsys.readouterr().out
 
 
 def test_two_processes_match_one_at_the_same_global_batch(setup):
