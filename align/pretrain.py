@@ -533,7 +533,7 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, outp
 def main(argv: list[str] | None = None) -> int:
     """`align pretrain --config recipes/<preset>/pretrain.yaml [--key value ...]` (also scripts/pretrain.py)."""
     try:
-        cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv if argv is not None else sys.argv[1:])
+        cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align pretrain")
         result = train(cfg, data_cfg)
     except (ConfigError, DataError, FileExistsError, NotADirectoryError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)

@@ -115,8 +115,12 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(GPT)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="hardware peak for MFU (default: measured)")
     parser.add_argument("--skip_decode", action="store_true")
+    parser.add_argument("--skip_train", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     if args.preset:
@@ -144,7 +148,6 @@ def main():
         peak, peak_source = matmul_peak_flops(device, dtype), f"measured {args.dtype} matmul, {torch.get_num_threads()} threads"
     print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
-    rows = []
     for family, cfg in families.items():
         model = GPT(cfg).to(device)
         hf = to_hf(model).to(device)
@@ -154,15 +157,15 @@ def main():
         contenders = {"GPT": model, f"HF {type(hf).__name__}": hf}
         if args.compile:
             contenders["GPT (torch.compile)"] = torch.compile(GPT(cfg).to(device))
-        tps = bench_training(contenders, cfg, args.batch_size, args.seq_len, args.steps, args.rounds, device, dtype)
-        flops = cfg.flops_per_token(args.seq_len)
-        base = tps[f"HF {type(hf).__name__}"]
-        print(f"\n## training step, {family} family: {cfg.num_params(False) / 1e6:.1f}M params, "
-              f"B={args.batch_size}, T={args.seq_len}")
-        print("| model | tokens/s | vs HF | MFU |\n|---|---:|---:|---:|")
-        for name, value in tps.items():
-            print(f"| {name} | {value:,.0f} | {value / base:.2f}x | {100 * value * flops / peak:.1f}% |")
-        rows.append((family, tps))
+        if not args.skip_train:
+            tps = bench_training(contenders, cfg, args.batch_size, args.seq_len, args.steps, args.rounds, device, dtype)
+            flops = cfg.flops_per_token(args.seq_len)
+            base = tps[f"HF {type(hf).__name__}"]
+            print(f"\n## training step, {family} family: {cfg.num_params(False) / 1e6:.1f}M params, "
+                  f"B={args.batch_size}, T={args.seq_len}")
+            print("| model | tokens/s | vs HF | MFU |\n|---|---:|---:|---:|")
+            for name, value in tps.items():
+                print(f"| {name} | {value:,.0f} | {value / base:.2f}x | {100 * value * flops / peak:.1f}% |")
 
         if not args.skip_decode:
             model.eval()

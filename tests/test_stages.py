@@ -141,6 +141,7 @@ def test_reward_model_scores_at_eos(reward_dir):
     assert_run_files(reward_dir)
     metrics = read_metrics(reward_dir)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0  # held-out pairwise accuracy
+    assert metrics["eval_pairs"] == json.loads((reward_dir / "data_report.json").read_text())["rows"]["eval"]
     assert (reward_dir / "train_self_negatives.jsonl").is_file()  # the SFT model's own wrong answers
     model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
@@ -255,7 +256,8 @@ def test_two_process_launch(stage, tiny_hf_dir, sft_dir, reward_dir, run_dir):
     out = run_dir / f"ddp-{stage}"
     args = {
         "sft": lambda: sft_args(tiny_hf_dir, out, data_dir) + ["--packing", "true"],
-        "reward": lambda: reward_args(sft_dir, out, data_dir) + ["--self_negatives", "0.25"],
+        "reward": lambda: reward_args(sft_dir, out, data_dir) + ["--self_negatives", "0.25",
+                                                                 "--per_device_eval_batch_size", "3"],
         "ppo": lambda: ppo_args(sft_dir, reward_dir, out, data_dir, batch=4) + ["--total_episodes", "16"],
         "dpo": lambda: dpo_args(sft_dir, out, data_dir),
         "grpo": lambda: grpo_args(sft_dir, out, data_dir) + ["--per_device_train_batch_size", "2"],
@@ -265,5 +267,7 @@ def test_two_process_launch(stage, tiny_hf_dir, sft_dir, reward_dir, run_dir):
     assert metrics["num_processes"] == 2
     if stage == "reward":
         assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
+        # every eval pair counted once, though the two processes' shares were padded to the same length
+        assert metrics["eval_pairs"] == json.loads((out / "data_report.json").read_text())["rows"]["eval"]
     else:
         AutoModelForCausalLM.from_pretrained(out)

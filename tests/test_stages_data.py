@@ -3,7 +3,10 @@ rows, a printed and saved count of dropped rows that fails above a threshold; ne
 
 import json
 import math
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,18 @@ def copy_model(src, dst, tokenizer_change=None):
         tokenizer_change(tokenizer)
         tokenizer.save_pretrained(dst)
     return dst
+
+
+def assert_refused(capsys, call, pattern) -> str:
+    """`call()` refuses as a user error should: exit status 2 (returned by a stage's main, or SystemExit(2) from
+    the recipe parser) and a message on stderr matching `pattern`, with no traceback. Returns stderr."""
+    try:
+        code = call()
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(pattern, err) and "Traceback" not in err, err
+    return err
 
 
 def reward_dir_from(base, dst):
@@ -120,13 +135,13 @@ def test_rows_truncated_to_nothing_or_too_long(tiny_tokenizer, tmp_path):
     assert report.dropped == {"too_long": 1}
 
 
-def test_stage_saves_the_report_and_fails_above_the_threshold(tiny_hf_dir, tmp_path):
+def test_stage_saves_the_report_and_fails_above_the_threshold(tiny_hf_dir, tmp_path, capsys):
     bad = {"prompt": USER, "completion": [{"role": "assistant", "content": ""}]}
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 8 + [bad] * 2)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=rf"align sft: error: .*{data.name}: kept 8 of 10 rows, dropped 2 "
-                                         r"\(2 empty_completion\)(.|\n)*sft.jsonl:9: 'completion' is empty"):
-        sft_main(tiny_hf_dir, out, data)
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, out, data),
+                   rf"align sft: error: .*{data.name}: kept 8 of 10 rows, dropped 2 \(2 empty_completion\)(.|\n)*"
+                   r"sft.jsonl:9: 'completion' is empty")
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["dropped"] == {"empty_completion": 2} and report["train"]["kept"] == 8
     assert not (out / "model.safetensors").exists()
@@ -135,88 +150,96 @@ def test_stage_saves_the_report_and_fails_above_the_threshold(tiny_hf_dir, tmp_p
     assert json.loads((tmp_path / "ok" / "data_report.json").read_text())["train"]["kept"] == 8
 
 
-def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path):
+def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path, capsys):
     common = ["--dataset_name", "demo", "--data_dir", str(tmp_path / "data"), "--demo_n_sft", "16",
               "--demo_n_preference", "8", "--demo_n_prompts", "8", "--demo_n_heldout", "4"]
     assert sft_main(tiny_hf_dir, tmp_path / "a", "demo", *common) == 0
-    with pytest.raises(SystemExit, match=r"holds demo data made with .*use the same demo_\* settings"):
-        sft_main(tiny_hf_dir, tmp_path / "b", "demo", *common, "--demo_seed", "1")
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "b", "demo", *common, "--demo_seed", "1"),
+                   r"holds demo data made with .*use the same demo_\* settings")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models, tokenizers, output directories
 
 
-def test_model_directory_missing_or_not_a_causal_lm(tiny_hf_dir, tmp_path):
+def test_model_directory_missing_or_not_a_causal_lm(tiny_hf_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
-    with pytest.raises(SystemExit, match=r"base model .*nope does not exist \(--model_name_or_path\)"):
-        sft_main(tmp_path / "nope", tmp_path / "o1", data)
+    assert_refused(capsys, lambda: sft_main(tmp_path / "nope", tmp_path / "o1", data),
+                   r"base model .*nope does not exist \(--model_name_or_path\)")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "gpt_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"no config.json.*align export CKPT --out DIR"):
-        sft_main(tmp_path / "ckpt", tmp_path / "o2", data)
+    assert_refused(capsys, lambda: sft_main(tmp_path / "ckpt", tmp_path / "o2", data),
+                   r"no config.json.*align export CKPT --out DIR")
     classifier = reward_dir_from(tiny_hf_dir, tmp_path / "rm")
-    with pytest.raises(SystemExit, match=r"is a sequence classifier .* not a causal LM"):
-        sft_main(classifier, tmp_path / "o3", data)
-    with pytest.raises(SystemExit, match=r"is not a reward model .*pass the directory `align reward` wrote"):
-        ppo.main(["--sft_model_path", str(tiny_hf_dir), "--reward_model_path", str(tiny_hf_dir),
-                  "--output_dir", str(tmp_path / "o4"), *FAST])
+    assert_refused(capsys, lambda: sft_main(classifier, tmp_path / "o3", data),
+                   r"is a sequence classifier .* not a causal LM")
+    args = ["--sft_model_path", str(tiny_hf_dir), "--reward_model_path", str(tiny_hf_dir), "--output_dir",
+            str(tmp_path / "o4"), *FAST]
+    assert_refused(capsys, lambda: ppo.main(args), r"is not a reward model .*pass the directory `align reward` wrote")
 
 
-def test_reward_and_ppo_refuse_a_tokenizer_without_a_distinct_pad(tiny_hf_dir, tmp_path):
+def test_reward_and_ppo_refuse_a_tokenizer_without_a_distinct_pad(tiny_hf_dir, tmp_path, capsys):
     def pad_is_eos(tok):
         tok.pad_token = tok.eos_token
 
     same = copy_model(tiny_hf_dir, tmp_path / "pad-eos", pad_is_eos)
-    with pytest.raises(SystemExit, match=r"uses the eos token '<\|endoftext\|>' as pad.*Run `align sft`"):
-        reward.main(["--model_name_or_path", str(same), "--output_dir", str(tmp_path / "r"), *FAST])
+    assert_refused(capsys, lambda: reward.main(["--model_name_or_path", str(same), "--output_dir",
+                                                str(tmp_path / "r"), *FAST]),
+                   r"uses the eos token '<\|endoftext\|>' as pad.*Run `align sft`")
     none = copy_model(tiny_hf_dir, tmp_path / "no-pad")
     config = json.loads((none / "tokenizer_config.json").read_text())
     config.pop("pad_token", None)
     (none / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(none).pad_token is None
-    with pytest.raises(SystemExit, match=r"has no pad token; run `align sft`"):
-        ppo.main(["--sft_model_path", str(none), "--reward_model_path",
-                  str(reward_dir_from(tiny_hf_dir, tmp_path / "rm")), "--output_dir", str(tmp_path / "p"), *FAST])
+    rm = reward_dir_from(tiny_hf_dir, tmp_path / "rm")
+    assert_refused(capsys, lambda: ppo.main(["--sft_model_path", str(none), "--reward_model_path", str(rm),
+                                             "--output_dir", str(tmp_path / "p"), *FAST]),
+                   r"has no pad token; run `align sft`")
 
 
-def test_ppo_refuses_a_reward_model_with_another_tokenizer(tiny_hf_dir, tmp_path):
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tiny_hf_dir, tmp_path, capsys):
     rm = reward_dir_from(tiny_hf_dir, tmp_path / "rm")
     policy = copy_model(tiny_hf_dir, tmp_path / "policy", lambda tok: tok.add_tokens(["<|tool|>"]))
-    with pytest.raises(SystemExit, match=r"uses a different tokenizer than the policy .*size 513 vs 512.*align reward "
-                                         r"--model_name_or_path"):
-        ppo.main(["--sft_model_path", str(policy), "--reward_model_path", str(rm), "--output_dir",
-                  str(tmp_path / "p"), *FAST])
+    # The reward model is named first in the message, so its figure comes first: 512 (reward) vs 513 (policy).
+    assert_refused(capsys, lambda: ppo.main(["--sft_model_path", str(policy), "--reward_model_path", str(rm),
+                                             "--output_dir", str(tmp_path / "p"), *FAST]),
+                   r"uses a different tokenizer than the policy .*reward vs policy: .*size 512 vs 513.*align reward "
+                   r"--model_name_or_path")
 
 
-def test_ppo_refuses_what_trl_1_12_gets_wrong(tiny_hf_dir, tmp_path):
+def test_ppo_refuses_what_trl_1_12_gets_wrong(tiny_hf_dir, tmp_path, capsys):
     rm = reward_dir_from(tiny_hf_dir, tmp_path / "rm")
     args = ["--sft_model_path", str(tiny_hf_dir), "--reward_model_path", str(rm), "--output_dir",
             str(tmp_path / "p"), *FAST]
-    with pytest.raises(SystemExit, match=r"gradient_accumulation_steps=2 with num_mini_batches=2"):
-        ppo.main(args + ["--gradient_accumulation_steps", "2", "--num_mini_batches", "2"])
-    with pytest.raises(SystemExit, match=r"cannot resume"):
-        ppo.main(args + ["--resume_from_checkpoint", "true"])
-    with pytest.raises(SystemExit, match=r"stop_token_id=5 is not eos.*TRL #3750"):
-        ppo.main(args + ["--stop_token_id", "5"])
-    with pytest.raises(SystemExit, match=r"reads --sft_model_path"):
-        ppo.main(args + ["--model_name_or_path", str(tiny_hf_dir)])
+    assert_refused(capsys, lambda: ppo.main(args + ["--gradient_accumulation_steps", "2", "--num_mini_batches", "2"]),
+                   r"gradient_accumulation_steps=2 with num_mini_batches=2")
+    assert_refused(capsys, lambda: ppo.main(args + ["--resume_from_checkpoint", "true"]), r"cannot resume")
+    assert_refused(capsys, lambda: ppo.main(args + ["--stop_token_id", "5"]),
+                   r"stop_token_id=5 is not eos.*TRL #3750")
+    assert_refused(capsys, lambda: ppo.main(args + ["--model_name_or_path", str(tiny_hf_dir)]),
+                   r"reads --sft_model_path")
     assert not (tmp_path / "p").exists()  # refused before anything was written
+    # PPO cannot resume, so its refusal of a finished output_dir offers only --overwrite or another --output_dir.
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "keep.txt").write_text("finished work")
+    err = assert_refused(capsys, lambda: ppo.main(args), r"already exists and is not empty; pass --overwrite true.*"
+                                                          r"or choose another --output_dir")
+    assert "--resume_from_checkpoint" not in err
 
 
-def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path):
+def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("finished work")
-    with pytest.raises(SystemExit, match=r"already exists and is not empty; pass --overwrite true"):
-        sft_main(tiny_hf_dir, out, data)
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, out, data),
+                   r"already exists and is not empty; pass --overwrite true")
     assert sft_main(tiny_hf_dir, out, data, "--overwrite", "true") == 0
     backups = list(tmp_path.glob("out.old-*"))
     assert len(backups) == 1 and (backups[0] / "keep.txt").read_text() == "finished work"
 
 
-def test_non_finite_loss_stops_the_run(tiny_hf_dir, tmp_path):
+def test_non_finite_loss_stops_the_run(tiny_hf_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     broken = copy_model(tiny_hf_dir, tmp_path / "nan")
@@ -224,8 +247,8 @@ def test_non_finite_loss_stops_the_run(tiny_hf_dir, tmp_path):
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
-    with pytest.raises(SystemExit, match=r"align sft: error: sft: (loss|grad_norm) is nan at step 1; training stopped"):
-        sft_main(broken, tmp_path / "out", data)
+    assert_refused(capsys, lambda: sft_main(broken, tmp_path / "out", data),
+                   r"align sft: error: sft: (loss|grad_norm) is nan at step 1; training stopped")
     assert not (tmp_path / "out" / "model.safetensors").exists()
     guard = NonFiniteGuard("ppo")  # PPO logs its own losses and objectives
     with pytest.raises(NonFiniteLossError, match=r"ppo: loss/value_avg is inf"):
@@ -316,3 +339,148 @@ def test_eval_fraction_splits_conversations_that_share_a_system_prompt():
     train, held = split_eval(pairs, 0.3)
     held_prompts = {json.dumps(r["prompt"]) for r in held}
     assert held and not any(json.dumps(r["prompt"]) in held_prompts for r in train)  # a prompt stays on one side
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes and flags: one-line errors naming the flag, file or field, exit status 2
+
+
+def test_unknown_flags_recipe_keys_and_bad_values_are_named(tmp_path, capsys):
+    recipe = ROOT / "recipes" / "smoke" / "sft.yaml"
+    smoke = recipe.read_text()
+    err = assert_refused(capsys, lambda: sft.main(["--config", str(recipe), "--max_stepz", "2"]),
+                         r"align sft: error: unknown option\(s\) --max_stepz; see `align sft --help`")
+    assert "HfArgumentParser" not in err and len(err.strip().splitlines()) == 1
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(smoke + "max_stepz: 3\nlearning_rat: 0.1\n")
+    err = assert_refused(capsys, lambda: sft.main(["--config", str(typo)]),
+                         rf"align sft: error: recipe {typo}: unknown key\(s\) max_stepz, learning_rat; check the "
+                         r"spelling against `align sft --help`")
+    assert "fail_with_unknown_args" not in err
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(smoke + "per_device_train_batch_size: sixteen\n")
+    assert_refused(capsys, lambda: sft.main(["--config", str(wrong)]),
+                   rf"align sft: error: recipe {wrong}: field per_device_train_batch_size: invalid int value: "
+                   r"'sixteen'")
+    # The same value on the command line is the flag's error, not the recipe's; a flag overrides a bad recipe value.
+    err = assert_refused(capsys, lambda: sft.main(["--config", str(recipe), "--max_steps", "two"]),
+                         r"align sft: error: argument --max_steps.*invalid int value: 'two'")
+    assert "recipe" not in err
+    assert sft.main(["--config", str(wrong), "--per_device_train_batch_size", "16", "--output_dir",
+                     str(tmp_path / "x"), "--eval_strategy", "steps"]) == 2  # parsed; refused later for its eval set
+    assert "--eval_strategy steps needs eval data" in capsys.readouterr().err
+
+
+def test_pretrain_and_stage_commands_name_themselves(monkeypatch, capsys):
+    """`align pretrain` (whose main() only passes argv) is named from the command line, as argparse names a script;
+    stage commands pass their name. Both head --help and every error."""
+    from align import pretrain
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/align", "pretrain", "--config", "x.yaml"])
+    assert_refused(capsys, lambda: pretrain.main(["--config", str(ROOT / "recipes/smoke/pretrain.yaml"),
+                                                  "--max_stepz", "2"]),
+                   r"^align pretrain: error: unknown option\(s\) --max_stepz; see `align pretrain --help`")
+    monkeypatch.setattr(sys, "argv", ["/repo/align/cli.py", "pretrain", "--help"])  # python -m align.cli (pipeline)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: align pretrain [-h]")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: align sft [-h]")
+
+
+def test_unknown_flag_from_the_command_line_has_no_traceback():
+    result = subprocess.run([str(Path(sys.executable).with_name("align")), "sft", "--config", "recipes/smoke/sft.yaml",
+                             "--max_stepz", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "align sft: error: unknown option(s) --max_stepz; see `align sft --help`" in result.stderr
+
+
+def test_config_checks_while_parsing_are_one_line_errors(tmp_path, capsys):
+    from align.stages import grpo
+
+    assert_refused(capsys, lambda: grpo.main(["--config", str(ROOT / "recipes/tiny/grpo.yaml"), "--output_dir",
+                                              str(tmp_path / "g"), "--per_device_train_batch_size", "8",
+                                              "--num_generations", "3"]),
+                   r"^align grpo: error: generation_batch_size \(8\) must be divisible by num_generations \(3\)")
+    data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
+    # Checked before the model is even looked at, so no model is needed here.
+    err = assert_refused(capsys, lambda: sft_main(tmp_path / "no-model", tmp_path / "s", data, "--eval_strategy",
+                                                  "steps"),
+                         r"^align sft: error: --eval_strategy steps needs eval data.*pass --dataset_test_split "
+                         r"\(a split name, or an eval data file")
+    assert "eval_dataset" not in err and not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_a_directory_dataset_evaluates_on_its_test_file_and_metrics_record_the_step(tiny_hf_dir, tmp_path):
+    """train.jsonl + test.jsonl in a directory: the test file is the eval set (as a hub dataset's test split would
+    be) unless --dataset_test_split or eval_fraction says otherwise; metrics.json has the final step even when no
+    step was logged (max_steps < logging_steps)."""
+    from align.stages.common import DataArguments, load_stage_data, require_eval_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": [{"role": "user", "content": f"Question: Ann has {i} cups and gets 3 more. How many cups?"
+                                                 "\nAnswer:"}],
+             "completion": [{"role": "assistant", "content": f"#### {i + 3}"}]} for i in range(9)]
+    write_jsonl(data / "train.jsonl", rows[:6])
+    write_jsonl(data / "test.jsonl", rows[6:])
+    training_args = type("T", (), {"output_dir": str(tmp_path / "o"), "eval_strategy": "steps"})()
+    require_eval_data(DataArguments(dataset_name=str(data)), training_args)  # the test file counts as eval data
+    train, evaluation = load_stage_data(DataArguments(dataset_name=str(data)), training_args, "sft", tmp_path)
+    assert (len(train), len(evaluation)) == (6, 3)
+    train, evaluation = load_stage_data(DataArguments(dataset_name=str(data), eval_fraction=0.5), training_args, "sft",
+                                        tmp_path)
+    assert len(train) + len(evaluation) == 6 and evaluation  # held out of train.jsonl; the test file is not read
+
+    out = tmp_path / "sft"
+    assert sft_main(tiny_hf_dir, out, data, "--eval_strategy", "steps", "--logging_steps", "5") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 1 and "eval_loss" in metrics
+    assert json.loads((out / "data_report.json").read_text())["rows"] == {"train": 6, "eval": 3}
+
+
+def test_a_missing_model_path_says_neither_local_nor_hub(tmp_path, monkeypatch):
+    """A two-part name may be a hub repo (org/name), so it is tried there; when that fails too, the message says
+    there is no such local directory as well as why the hub could not provide it."""
+    from align.stages.common import check_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"base model smoke/nobase \(--model_name_or_path\): there is no local "
+                                                r"directory smoke/nobase .*and the Hugging Face Hub could not provide"):
+        check_model_dir("smoke/nobase", "base model", "model_name_or_path")
+    with pytest.raises(FileNotFoundError, match=r"reward model nope_rw \(--reward_model_path\): there is no local "
+                                                r"directory nope_rw .*offline"):
+        check_model_dir("nope_rw", "reward model", "reward_model_path", kind="reward")
+
+
+def test_reward_eval_accuracy_counts_every_pair(tiny_hf_dir, tmp_path):
+    """eval_accuracy is the share of all eval pairs scored chosen > rejected, not TRL's mean of per-batch means:
+    7 pairs at eval batch 4 make a short last batch that would otherwise weigh as much as a full one."""
+    def pair(i, chosen, rejected):
+        prompt = [{"role": "user", "content": f"Question: Ann has {i} cups and gets 3 more. How many cups?\nAnswer:"}]
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    train = write_jsonl(tmp_path / "train.jsonl", [pair(i, f"#### {i + 3}", f"#### {i + 4}") for i in range(8)])
+    pairs = [pair(i, f"{i} + 3 = {i + 3}\n#### {i + 3}", f"#### {i * 7}") for i in range(7)]
+    test = write_jsonl(tmp_path / "test.jsonl", pairs)
+    out = tmp_path / "rm"
+    assert reward.main(["--model_name_or_path", str(tiny_hf_dir), "--output_dir", str(out), "--dataset_name",
+                        str(train), "--dataset_test_split", str(test), "--max_steps", "1",
+                        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_length", "64",
+                        *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+
+    def score(messages):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+    wins = sum(score(p["prompt"] + p["chosen"]) > score(p["prompt"] + p["rejected"]) for p in pairs)
+    assert metrics["eval_pairs"] == 7
+    assert metrics["eval_accuracy"] == pytest.approx(wins / 7)
+    assert "eval_accuracy_batch_mean" in metrics  # TRL's own figure, kept under its own name

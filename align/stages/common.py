@@ -40,12 +40,16 @@ def log(message: str) -> None:
 
 
 def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
-    """Parse the recipe and run a stage; errors a user can fix end the program with their message, no traceback."""
+    """Parse the recipe and run a stage. An error the user can fix is printed as `align STAGE: error: ...`, with no
+    traceback, and the exit status is 2 (a bad recipe or flag ends the program the same way while parsing)."""
     try:
-        run(*parse_stage_args(dataclass_types, argv))
+        run(*parse_stage_args(dataclass_types, argv, prog=f"align {stage}"))
     except USER_ERRORS as e:
-        raise SystemExit(f"align {stage}: error: {e}") from e
+        print(f"align {stage}: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
 DEMO_FILES = {"sft": "sft.jsonl", "preference": "preferences.jsonl", "prompt": "prompts.jsonl"}
 
 
@@ -105,10 +109,10 @@ def hardware_flags() -> list[str]:
     return []
 
 
-def parse_stage_args(dataclass_types, argv: list[str] | None):
-    """Parse a stage recipe (YAML + overrides) and apply the machine's defaults."""
+def parse_stage_args(dataclass_types, argv: list[str] | None, prog: str | None = None):
+    """Parse a stage recipe (YAML + overrides) and apply the machine's defaults; `prog` is e.g. "align sft"."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    configs = parse_recipe(dataclass_types, hardware_flags() + argv)
+    configs = parse_recipe(dataclass_types, hardware_flags() + argv, prog=prog)
     for config in configs:
         if hasattr(config, "use_cpu"):
             hardware_defaults(config)
@@ -117,15 +121,16 @@ def parse_stage_args(dataclass_types, argv: list[str] | None):
     return configs
 
 
-def start_run(training_args, data_args) -> Path:
-    """Check and create output_dir: every rank refuses a finished run first, then the main process prepares it."""
+def start_run(training_args, data_args, can_resume: bool = True) -> Path:
+    """Check and create output_dir: every rank refuses a finished run first, then the main process prepares it.
+    can_resume: whether the stage can continue a run (the refusal suggests --resume_from_checkpoint only then)."""
     out = Path(training_args.output_dir)
     resume = resume_arg(training_args) is not None
     if out.is_dir() and any(out.iterdir()) and not (resume or data_args.overwrite):
+        resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume else ""
         raise FileExistsError(
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
-            "directory is kept as a backup), --resume_from_checkpoint true to continue it, or choose another "
-            "--output_dir"
+            f"directory is kept as a backup), {resume_hint}or choose another --output_dir"
         )
     state = PartialState()
     state.wait_for_everyone()
@@ -165,8 +170,14 @@ def check_model_dir(path: str | None, what: str, argument: str, kind: str = "cau
                 if (local / "gpt_config.json").is_file() else "pass the directory a stage or `align export` wrote")
         raise FileNotFoundError(f"{what} {path} has no config.json, so it is not a Hugging Face model; {hint}")
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)  # a local directory, or a hub name (org/name) to download
     except (OSError, ValueError) as e:
+        if not local.exists():
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileNotFoundError(
+                f"{what} {path} (--{argument}): there is no local directory {path} (relative to {Path.cwd()}), and "
+                f"the Hugging Face Hub could not provide a model of that name (offline, or a typo?): {reason}"
+            ) from e
         raise FileNotFoundError(f"could not read the {what} config from {path} (--{argument}): {e}") from e
     archs = list(getattr(config, "architectures", None) or [])
     if kind == "causal":
@@ -318,6 +329,29 @@ def _local_split(path: Path, split: str) -> Path | None:
     return None
 
 
+def directory_test_file(data_args) -> Path | None:
+    """The test file (test.jsonl|json|parquet) of a directory dataset, which is the eval set when neither
+    --dataset_test_split nor eval_fraction says otherwise, as a hub dataset's test split would be."""
+    local = Path(data_args.dataset_name)
+    if data_args.dataset_name == DEMO or data_args.dataset_test_split or data_args.eval_fraction > 0:
+        return None
+    return _local_split(local, "test") if local.is_dir() else None
+
+
+def require_eval_data(data_args, training_args) -> None:
+    """Refuse an eval_strategy other than "no" without eval data, before anything is written (the trainer would
+    refuse it later, naming its own arguments rather than the recipe's)."""
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    has_eval = data_args.dataset_test_split or data_args.eval_fraction > 0 or directory_test_file(data_args)
+    if strategy == "no" or has_eval:
+        return
+    raise StageError(
+        f"--eval_strategy {strategy} needs eval data, and dataset {data_args.dataset_name!r} has no eval split: pass "
+        "--dataset_test_split (a split name, or an eval data file when --dataset_name is a file), --eval_fraction F "
+        "to hold out part of the training prompts, or --eval_strategy no"
+    )
+
+
 def load_records(data_args, training_args, kind: str):
     """Train and eval records (each row with the file and line it came from) and the name of their source."""
     if data_args.dataset_name == DEMO:
@@ -334,9 +368,15 @@ def load_records(data_args, training_args, kind: str):
         if train is None:
             raise DataError(f"{local} has no {data_args.dataset_train_split}{{{','.join(DATA_SUFFIXES)}}} file; name "
                             "a data file directly or pass --dataset_train_split NAME")
-        test = data_args.dataset_test_split and _local_split(local, data_args.dataset_test_split)
-        if data_args.dataset_test_split and test is None:
-            raise DataError(f"{local} has no {data_args.dataset_test_split} data file (--dataset_test_split)")
+        if data_args.dataset_test_split:
+            test = _local_split(local, data_args.dataset_test_split)
+            if test is None:
+                raise DataError(f"{local} has no {data_args.dataset_test_split} data file (--dataset_test_split)")
+        else:
+            test = directory_test_file(data_args)
+            if test is not None:
+                log(f"evaluating on {test} (the directory's test split; --dataset_test_split NAME or --eval_fraction F "
+                    "chooses otherwise)")
         return read_records(train), read_records(test) if test else None, str(train)
     if local.suffix in DATA_SUFFIXES or str(local).startswith((".", "/", "~")):
         raise DataError(f"data file {local} not found (--dataset_name)")
@@ -484,7 +524,8 @@ def train_and_evaluate(trainer, training_args) -> dict:
     summary = trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics
     steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not
              any(k.startswith("eval_") for k in log)]
-    metrics = {**(steps[-1] if steps else {}), **summary}
+    # The final step even when no step was logged (max_steps < logging_steps).
+    metrics = {**(steps[-1] if steps else {}), **summary, "step": trainer.state.global_step}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return metrics

@@ -18,6 +18,7 @@ from align.stages.common import (
     load_tokenizer,
     model_kwargs,
     peft_config_for,
+    require_eval_data,
     save_model,
     stage_main,
     start_run,
@@ -36,6 +37,7 @@ def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_arg
     LoRA), with the output directory prepared; returns (trainer, output_dir)."""
     from transformers import AutoModelForCausalLM
 
+    require_eval_data(script_args, training_args)
     out = start_run(training_args, script_args)
     path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")
     tokenizer = load_tokenizer(path)

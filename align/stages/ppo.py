@@ -93,9 +93,10 @@ def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, r
     """PPO feeds the policy's token ids straight into the reward model, so both must use one tokenizer."""
     a, b = tokenizer_fingerprint(policy_tokenizer), tokenizer_fingerprint(reward_tokenizer)
     if a != b:
-        differ = ", ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
+        differ = ", ".join(f"{k} {b[k]!r} vs {a[k]!r}" for k in a if a[k] != b[k])
         raise StageError(
-            f"the reward model {reward_path} uses a different tokenizer than the policy {policy_path} ({differ}); PPO "
+            f"the reward model {reward_path} uses a different tokenizer than the policy {policy_path} (reward vs "
+            f"policy: {differ}); PPO "
             "passes the policy's token ids to the reward model unchanged. Train the reward model from this SFT model: "
             f"align reward --model_name_or_path {policy_path}"
         )
@@ -150,7 +151,7 @@ def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_arg
     require_pad(tokenizer, sft_path, "ppo")
     check_same_tokenizer(tokenizer, load_tokenizer(reward_path), sft_path, reward_path)
     check_ppo_config(training_args, tokenizer)
-    out = start_run(training_args, script_args)
+    out = start_run(training_args, script_args, can_resume=False)  # refused by check_ppo_config
 
     policy = AutoModelForCausalLM.from_pretrained(sft_path, **model_kwargs(model_args))
     fit_model_to_tokenizer(policy, tokenizer)  # generation pads with pad and stops at eos
@@ -194,6 +195,7 @@ def run(script_args: PPOArguments, training_args: PPOConfig, model_args: ModelCo
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     metrics.update({
         "train_runtime": time.time() - start,
+        "step": trainer.state.global_step,
         "episodes": trainer.state.episode,
         "guard/negative_kl_steps": monitor.negative_kl_steps,
         "guard/ratio_out_of_range_steps": monitor.ratio_out_of_range_steps,

@@ -26,6 +26,7 @@ from align.stages.common import (
     log,
     model_kwargs,
     peft_config_for,
+    require_eval_data,
     require_pad,
     save_model,
     stage_main,
@@ -139,10 +140,28 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
     return rows
 
 
+@torch.no_grad()
+def pairwise_accuracy(trainer) -> dict:
+    """The fraction of eval pairs whose chosen answer the trained model scores above the rejected one, counted over
+    the whole eval set. (TRL's eval_accuracy averages per-batch accuracies, so a short last batch weighs as much as
+    a full one.) Each process scores its share of the eval batches, as in trainer.evaluate; the counts are gathered."""
+    model = trainer.model_wrapped  # DDP / DeepSpeed / FSDP wrapper, or the model itself
+    model.eval()
+    correct = total = 0
+    for batch in trainer.get_eval_dataloader():  # chosen rows, then rejected rows, as the trainer collates them
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        chosen, rejected = torch.chunk(scores.squeeze(-1), chunks=2)
+        wins = trainer.accelerator.gather_for_metrics((chosen > rejected).long())  # without the padding repeats
+        correct += int(wins.sum())
+        total += len(wins)
+    return {"eval_accuracy": correct / total, "eval_pairs": total}
+
+
 def build_trainer(script_args: RewardArguments, training_args: RewardConfig, model_args: ModelConfig):
     """The RewardTrainer for a recipe, with the output directory prepared; returns (trainer, output_dir)."""
     from transformers import AutoModelForSequenceClassification
 
+    require_eval_data(script_args, training_args)
     out = start_run(training_args, script_args)
     path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")
     tokenizer = load_tokenizer(path)
@@ -173,7 +192,10 @@ def build_trainer(script_args: RewardArguments, training_args: RewardConfig, mod
 
 def run(script_args: RewardArguments, training_args: RewardConfig, model_args: ModelConfig) -> dict:
     trainer, out = build_trainer(script_args, training_args, model_args)
-    metrics = train_and_evaluate(trainer, training_args)  # eval_accuracy: pairwise accuracy on held-out pairs
+    metrics = train_and_evaluate(trainer, training_args)
+    if trainer.eval_dataset is not None:
+        metrics["eval_accuracy_batch_mean"] = metrics.pop("eval_accuracy", None)  # TRL's figure
+        metrics.update(pairwise_accuracy(trainer))
     save_model(trainer, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, out,
                script_args.merge_lora)
     finish_run(out, "reward", metrics, (script_args, training_args, model_args), model_args.model_name_or_path,
