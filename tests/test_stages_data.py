@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from align.data.validate import DataError, enforce, read_records, validate
@@ -484,3 +485,21 @@ def test_reward_eval_accuracy_counts_every_pair(tiny_hf_dir, tmp_path):
     assert metrics["eval_pairs"] == 7
     assert metrics["eval_accuracy"] == pytest.approx(wins / 7)
     assert "eval_accuracy_batch_mean" in metrics  # TRL's own figure, kept under its own name
+
+
+def test_the_same_seed_gives_the_same_reward_model(tiny_hf_dir, tmp_path):
+    """The reward model's new score head is drawn before the Trainer seeds anything: without seeding first, two runs
+    of the same recipe start from different heads (and the tiny pipeline's result would change from run to run)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Question: {i} + 3?\nAnswer:"}],
+         "chosen": [{"role": "assistant", "content": f"#### {i + 3}"}],
+         "rejected": [{"role": "assistant", "content": f"#### {i + 4}"}]} for i in range(8)])
+    weights = []
+    for name in ("a", "b"):
+        torch.randn(7)  # whatever ran before in the process must not matter
+        assert reward.main(["--model_name_or_path", str(tiny_hf_dir), "--output_dir", str(tmp_path / name),
+                            "--dataset_name", str(train), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                            "--max_length", "64", *FAST]) == 0
+        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
@@ -123,7 +123,9 @@ def parse_stage_args(dataclass_types, argv: list[str] | None, prog: str | None =
 
 def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     """Check and create output_dir: every rank refuses a finished run first, then the main process prepares it.
-    can_resume: whether the stage can continue a run (the refusal suggests --resume_from_checkpoint only then)."""
+    can_resume: whether the stage can continue a run (the refusal suggests --resume_from_checkpoint only then).
+    Then seeds every RNG with the recipe's seed: the Trainer seeds only once built, after the models, and a new
+    head (the reward model's score) or LoRA weights would otherwise start from the process's random seed."""
     out = Path(training_args.output_dir)
     resume = resume_arg(training_args) is not None
     if out.is_dir() and any(out.iterdir()) and not (resume or data_args.overwrite):
@@ -137,6 +139,7 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     if state.is_main_process:
         prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume)
     state.wait_for_everyone()
+    set_seed(training_args.seed)
     return out
 
 
