@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         args.accelerate_config = str(bundled)
     if args.start and STAGES.index(args.start) > STAGES.index(args.end):
         parser.error(f"--from {args.start} comes after --to {args.end}")
-    (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides])
+    (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides],
+                             prog="align pipeline")
     out = Path(args.out)
     Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
     save_recipe(out, config, extra={"preset": args.preset})

@@ -26,23 +26,12 @@ class RecipeParser(TrlParser):
         raise RecipeError(message)
 
 
-def command_name() -> str:
-    """`align COMMAND` when run as `align COMMAND` or `python -m align.cli COMMAND`, else the script's name."""
-    from align.cli import COMMANDS
-
-    script = Path(sys.argv[0]).name if sys.argv else ""
-    if script in ("align", "cli.py") and len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
-        return f"align {sys.argv[1]}"
-    return script or "align"
-
-
-def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str | None = None):
+def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str = "align"):
     """Parse `--config recipe.yaml [--key value ...]` into instances of `dataclass_types` (a tuple).
 
     `prog` (e.g. "align sft") heads `--help` and error messages. A problem with the recipe or the flags (an unknown
     key or flag, a value of the wrong type, a config's own check failing) is printed as one line, `PROG: error:
     ...`, and ends the program with exit status 2, as argparse does."""
-    prog = prog or command_name()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = RecipeParser(dataclass_types, prog=prog)
     try:

@@ -373,8 +373,8 @@ def test_unknown_flags_recipe_keys_and_bad_values_are_named(tmp_path, capsys):
 
 
 def test_pretrain_and_stage_commands_name_themselves(monkeypatch, capsys):
-    """`align pretrain` (whose main() only passes argv) is named from the command line, as argparse names a script;
-    stage commands pass their name. Both head --help and every error."""
+    """Each command passes its name to the recipe parser, however it was started (`align pretrain`, `python -m
+    align.cli pretrain`, scripts/pretrain.py under accelerate): it heads --help and every error."""
     from align import pretrain
 
     monkeypatch.setattr(sys, "argv", ["/venv/bin/align", "pretrain", "--config", "x.yaml"])

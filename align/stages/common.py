@@ -109,7 +109,7 @@ def hardware_flags() -> list[str]:
     return []
 
 
-def parse_stage_args(dataclass_types, argv: list[str] | None, prog: str | None = None):
+def parse_stage_args(dataclass_types, argv: list[str] | None, prog: str = "align"):
     """Parse a stage recipe (YAML + overrides) and apply the machine's defaults; `prog` is e.g. "align sft"."""
     argv = list(sys.argv[1:] if argv is None else argv)
     configs = parse_recipe(dataclass_types, hardware_flags() + argv, prog=prog)
