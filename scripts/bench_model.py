@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 import torch
 
 from align.model import GPT, GPTConfig, preset, to_hf
-
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-
-
-def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Measured FLOP/s of a large square matmul: the roof the training step is held against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        sync(device)
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
+from align.pretrain import peak_flops
 
 def sync(device):
     if device == "cuda":
@@ -58,22 +42,23 @@ def train_step_fn(model, hf: bool, device, dtype):
 
 def bench_training(contenders: dict, config: GPTConfig, batch_size: int, seq_len: int, steps: int, rounds: int,
                    device: str, dtype) -> dict[str, float]:
+    """tokens/s of each contender from its median step time (a busy machine's stalls do not skew the ratio)."""
     x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
     steps_fns = {name: train_step_fn(m, name.startswith("HF"), device, dtype) for name, m in contenders.items()}
     for fn in steps_fns.values():  # warm up (allocator, autotuning)
         for _ in range(2):
             fn(inputs, targets)
-    elapsed = dict.fromkeys(contenders, 0.0)
+    step_times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in steps_fns.items():
-            sync(device)
-            start = time.perf_counter()
             for _ in range(steps):
+                sync(device)
+                start = time.perf_counter()
                 fn(inputs, targets)
-            sync(device)
-            elapsed[name] += time.perf_counter() - start
-    return {name: rounds * steps * batch_size * seq_len / t for name, t in elapsed.items()}
+                sync(device)
+                step_times[name].append(time.perf_counter() - start)
+    return {name: batch_size * seq_len / statistics.median(times) for name, times in step_times.items()}
 
 
 @torch.no_grad()
@@ -124,29 +109,24 @@ def main():
     torch.manual_seed(0)
 
     if args.preset:
-        llama_cfg = preset(args.preset)
+        cfg = preset(args.preset)
+        families = {cfg.family: cfg}
     else:
         llama_cfg = GPTConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=8, n_kv_head=4, n_embd=256,
                               intermediate_size=688, tie_embeddings=True)
-    gpt2_cfg = dataclasses.replace(llama_cfg, norm="layernorm", position="learned", mlp="gelu", bias=True,
-                                   n_kv_head=llama_cfg.n_head, intermediate_size=4 * llama_cfg.n_embd)
-    families = {"llama": llama_cfg, "gpt2": gpt2_cfg}
-    if args.preset:
-        families = {PRESET_FAMILY: cfg for PRESET_FAMILY, cfg in families.items() if cfg.family == llama_cfg.family} \
-            or {llama_cfg.family: llama_cfg}
-    elif args.family != "both":
-        families = {args.family: families[args.family]}
+        gpt2_cfg = dataclasses.replace(llama_cfg, norm="layernorm", position="learned", mlp="gelu", bias=True,
+                                       n_kv_head=llama_cfg.n_head, intermediate_size=4 * llama_cfg.n_embd)
+        families = {"llama": llama_cfg, "gpt2": gpt2_cfg}
+        if args.family != "both":
+            families = {args.family: families[args.family]}
 
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops * 1e12, "given"
-    elif device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
-        peak, peak_source = (peak * 1e12, f"{name} datasheet dense {args.dtype}") if peak else (
-            matmul_peak_flops(device, dtype), "measured matmul")
     else:
-        peak, peak_source = matmul_peak_flops(device, dtype), f"measured {args.dtype} matmul, {torch.get_num_threads()} threads"
-    print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+        peak = peak_flops(torch.device(device), dtype)
+        peak_source = "the bf16 datasheet figure of a known GPU, else the best measured matmul"
+    print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
     for family, cfg in families.items():
         model = GPT(cfg).to(device)

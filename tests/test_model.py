@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from align.model import GPT, GPTConfig, PRESETS, preset, sample_next_token
+from align.model.gpt import linear_cross_entropy
 from conftest import tiny_config
 
 
@@ -58,11 +59,44 @@ def test_forward_shapes_and_loss():
     assert logits.shape == (2, 16, 512) and loss is None
     logits, loss = model(idx[:, :-1], idx[:, 1:])
     assert loss.item() == pytest.approx(torch.log(torch.tensor(512.0)).item(), rel=0.1)  # near-uniform at init
+    assert logits is None  # training with targets never makes the full logits (linear_cross_entropy)
     targets = idx[:, 1:].clone()
     targets[:, :8] = -100
-    logits_short, masked = model(idx[:, :-1], targets)
+    with torch.no_grad():
+        logits_short, masked = model(idx[:, :-1], targets)
     expected = torch.nn.functional.cross_entropy(logits_short[:, 8:].reshape(-1, 512), idx[:, 9:].reshape(-1))
     torch.testing.assert_close(masked, expected)
+    torch.testing.assert_close(model(idx[:, :-1], targets)[1], expected)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 64])
+def test_linear_cross_entropy_matches_full_logits(chunk_rows):
+    """Chunked loss and gradients equal F.cross_entropy over the full logits, ignored targets included."""
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[::5] = -100
+    loss = linear_cross_entropy(h, weight, targets, chunk_rows)
+    grads = torch.autograd.grad(3 * loss, (h, weight))
+    expected = torch.nn.functional.cross_entropy(h @ weight.t(), targets, ignore_index=-100)
+    expected_grads = torch.autograd.grad(3 * expected, (h, weight))
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_training_loss_gradients_match_full_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 512, (2, 17))
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    fused = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, _ = model(idx[:, :-1])
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 512), idx[:, 1:].reshape(-1)).backward()
+    for got, param in zip(fused, model.parameters()):
+        torch.testing.assert_close(got, param.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_causal_mask_future_tokens_do_not_leak():
