@@ -266,7 +266,7 @@ def truncate_log(path: Path, step: int) -> None:
 def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     """Pretrain as the recipe says; returns the final metrics (also written to output_dir/metrics.json)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -315,9 +315,12 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed sizes its buffers from this; no DataLoader here
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     main = accelerator.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        log(f"[pretrain] warning: the accelerate config asks for FSDP, but Accelerate runs CPU processes as "
+            f"{accelerator.distributed_type.value} (every process holds the whole model; nothing is sharded)")
     # Accelerate warns on every save that it dropped lm_head.weight, which is tied to wte.weight: expected here.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    log = print if main else (lambda *a, **k: None)
     if main:
         prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
     accelerator.wait_for_everyone()
