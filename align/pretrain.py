@@ -415,7 +415,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
                 x, y = train_data.batch(step, m, micro, accelerator.process_index, world, accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, return_logits=False)
                     accelerator.backward(loss)  # Accelerate divides by the accumulation steps
                     loss_sum += loss.detach().float()
                     if accelerator.sync_gradients:

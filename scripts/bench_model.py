@@ -32,7 +32,7 @@ def train_step_fn(model, hf: bool, device, dtype):
 
     def step(x, y):
         with autocast:
-            loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
+            loss = model(input_ids=x, labels=x).loss if hf else model(x, y, return_logits=False)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

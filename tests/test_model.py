@@ -59,14 +59,15 @@ def test_forward_shapes_and_loss():
     assert logits.shape == (2, 16, 512) and loss is None
     logits, loss = model(idx[:, :-1], idx[:, 1:])
     assert loss.item() == pytest.approx(torch.log(torch.tensor(512.0)).item(), rel=0.1)  # near-uniform at init
-    assert logits is None  # training with targets never makes the full logits (linear_cross_entropy)
+    assert logits.shape == (2, 15, 512)
     targets = idx[:, 1:].clone()
     targets[:, :8] = -100
-    with torch.no_grad():
-        logits_short, masked = model(idx[:, :-1], targets)
+    logits_short, masked = model(idx[:, :-1], targets)
     expected = torch.nn.functional.cross_entropy(logits_short[:, 8:].reshape(-1, 512), idx[:, 9:].reshape(-1))
     torch.testing.assert_close(masked, expected)
-    torch.testing.assert_close(model(idx[:, :-1], targets)[1], expected)
+    no_logits, fused = model(idx[:, :-1], targets, return_logits=False)  # the training step's loss
+    assert no_logits is None
+    torch.testing.assert_close(fused, expected)
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 7, 64])
@@ -90,7 +91,7 @@ def test_training_loss_gradients_match_full_logits():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx = torch.randint(0, 512, (2, 17))
-    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    model(idx[:, :-1], idx[:, 1:], return_logits=False)[1].backward()
     fused = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     logits, _ = model(idx[:, :-1])

@@ -256,13 +256,13 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, pos)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
         """Logits (B, T, vocab) and, when targets are given, the mean cross-entropy (targets of -100 ignored).
 
-        With targets and autograd on (training), the loss comes from `linear_cross_entropy`, which never
-        makes the full logits, and the logits returned are None; call `model(idx)` for logits."""
+        A training step that needs only the loss passes return_logits=False: the loss then comes from
+        `linear_cross_entropy`, which never makes the full logits, and the logits returned are None."""
         h = self.hidden_states(idx)
-        if targets is not None and torch.is_grad_enabled():
+        if targets is not None and not return_logits and torch.is_grad_enabled():
             return None, linear_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(h)
         loss = None
