@@ -84,7 +84,7 @@ def run_ours(args, data_cfg, root: Path, round_index: int) -> float:
     return statistics.median(r["tokens_per_sec"] for r in log[args.warmup:])
 
 
-def run_hf(args, data_dir: Path, vocab_size: int) -> float:
+def run_hf(args, data_dir: Path, vocab_size: int, root: Path) -> float:
     """Median tokens/s of transformers' Trainer on the LlamaForCausalLM twin, same batch/optimizer/precision."""
     from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -112,7 +112,7 @@ def run_hf(args, data_dir: Path, vocab_size: int) -> float:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported())
     micro = args.micro_batch_size or args.batch_size
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=micro,
+        output_dir=str(root / "hf-trainer"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=args.batch_size // micro, max_steps=args.warmup + args.steps,
         learning_rate=3e-3, weight_decay=0.1, adam_beta2=0.95, warmup_steps=2, lr_scheduler_type="cosine",
         max_grad_norm=1.0, optim="adamw_torch_fused", use_cpu=cpu, bf16=bf16, torch_compile=args.compile,
@@ -149,7 +149,11 @@ def main():
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32
 
-    root = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:  # data, checkpoints: ~60 MB
+        bench(args, device, gpu, bf16, dtype, Path(tmp))
+
+
+def bench(args, device, gpu: bool, bf16: bool, dtype, root: Path):
     data_cfg, data_dir = prepare_bench_data(root, args.vocab_size)
     from transformers import AutoTokenizer
 
@@ -174,7 +178,7 @@ def main():
         peaks.append(matmul_peak(device, dtype, shapes))
         ours.append(run_ours(args, data_cfg, root, r))
         if not args.skip_hf:
-            hf.append(run_hf(args, data_dir, vocab))
+            hf.append(run_hf(args, data_dir, vocab, root))
         print(f"round {r + 1}: ours {ours[-1]:,.0f} tok/s" + (f", HF Trainer {hf[-1]:,.0f} tok/s" if hf else "")
               + f", matmul peak {peaks[-1]['square'] / 1e9:,.0f} GFLOP/s (model shapes "
               f"{peaks[-1]['model_shapes'] / 1e9:,.0f})")

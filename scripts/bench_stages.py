@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-stages-"))
+    with tempfile.TemporaryDirectory(prefix="bench-stages-") as work:  # models, trainer outputs
+        return bench(args, argv, Path(work))
+
+
+def bench(args, argv, work: Path) -> int:
     base = Path(args.base) if args.base else DEFAULT_BASE if DEFAULT_BASE.is_dir() else None
     model_note = str(base) if base else "random tiny preset (answers never stop at eos)"
     base = base or random_tiny_base(work / "base")
