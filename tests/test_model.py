@@ -100,6 +100,18 @@ def test_training_loss_gradients_match_full_logits():
         torch.testing.assert_close(got, param.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_hand_written_backward_passes_pass_gradcheck():
+    from align.model.gpt import Rotation, SwiGLU, rope_tables
+
+    torch.manual_seed(0)
+    cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Rotation.apply, (x, cos, sin))
+    assert torch.autograd.gradcheck(Rotation.apply, (x.transpose(1, 2), cos[:, None], sin[:, None]))
+    h = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (h,))
+
+
 def test_causal_mask_future_tokens_do_not_leak():
     torch.manual_seed(0)
     for fields in (dict(), dict(norm="layernorm", position="learned", mlp="gelu", n_kv_head=4)):

@@ -44,10 +44,32 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles; x is (B, H, T, D), cos/sin (T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles; x is (B, H, T, D), cos/sin (T, D).
+
+    The textbook form, x * cos + cat(-x2, x1) * sin, costs eager PyTorch five passes over q and k and as many in
+    backward; `Rotation` makes two each way (the gradient of a rotation is the rotation by minus the angle)."""
+    return Rotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """x * cos + cat(-x2, x1) * sin * sign, with the second term added in place half by half."""
+    half = x.size(-1) // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
+
+
+class Rotation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, sin, sign=-1.0), None, None
 
 
 class KVCache:
@@ -102,6 +124,31 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up for h = [gate | up], the output of the fused projection.
+
+    Autograd would compute the two halves of the gradient separately and then copy them into one tensor for the
+    fused matmul; this backward writes them into that tensor directly, saving a pass over the MLP's widest
+    activation."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.mul(grad, act, out=grad_up)
+        return grad_h
+
+
 class MLP(nn.Module):
     """SwiGLU (Llama): proj(silu(gate(x)) * up(x)), with gate and up fused in `fc`; or GELU (GPT-2)."""
 
@@ -115,8 +162,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = SwiGLU.apply(h)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.proj(h)
