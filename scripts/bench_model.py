@@ -20,6 +20,7 @@ import torch
 from align.model import GPT, GPTConfig, preset, to_hf
 from align.pretrain import peak_flops
 
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -41,8 +42,11 @@ def train_step_fn(model, hf: bool, device, dtype):
 
 
 def bench_training(contenders: dict, config: GPTConfig, batch_size: int, seq_len: int, steps: int, rounds: int,
-                   device: str, dtype) -> dict[str, float]:
-    """tokens/s of each contender from its median step time (a busy machine's stalls do not skew the ratio)."""
+                   device: str, dtype) -> tuple[dict[str, float], dict[str, float]]:
+    """tokens/s of each contender from its median and from its fastest step time.
+
+    The median is what a run sees on this machine; the fastest step is the better estimate of the code's own
+    speed on a shared host, where other tenants only ever add time (both ratios are printed)."""
     x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
     steps_fns = {name: train_step_fn(m, name.startswith("HF"), device, dtype) for name, m in contenders.items()}
@@ -58,7 +62,10 @@ def bench_training(contenders: dict, config: GPTConfig, batch_size: int, seq_len
                 fn(inputs, targets)
                 sync(device)
                 step_times[name].append(time.perf_counter() - start)
-    return {name: batch_size * seq_len / statistics.median(times) for name, times in step_times.items()}
+    tokens = batch_size * seq_len
+    median = {name: tokens / statistics.median(times) for name, times in step_times.items()}
+    fastest = {name: tokens / min(times) for name, times in step_times.items()}
+    return median, fastest
 
 
 @torch.no_grad()
@@ -138,14 +145,17 @@ def main():
         if args.compile:
             contenders["GPT (torch.compile)"] = torch.compile(GPT(cfg).to(device))
         if not args.skip_train:
-            tps = bench_training(contenders, cfg, args.batch_size, args.seq_len, args.steps, args.rounds, device, dtype)
+            tps, best = bench_training(contenders, cfg, args.batch_size, args.seq_len, args.steps, args.rounds,
+                                       device, dtype)
             flops = cfg.flops_per_token(args.seq_len)
-            base = tps[f"HF {type(hf).__name__}"]
+            hf_name = f"HF {type(hf).__name__}"
             print(f"\n## training step, {family} family: {cfg.num_params(False) / 1e6:.1f}M params, "
                   f"B={args.batch_size}, T={args.seq_len}")
-            print("| model | tokens/s | vs HF | MFU |\n|---|---:|---:|---:|")
+            print("| model | tokens/s (median step) | vs HF | MFU | tokens/s (fastest step) | vs HF |\n"
+                  "|---|---:|---:|---:|---:|---:|")
             for name, value in tps.items():
-                print(f"| {name} | {value:,.0f} | {value / base:.2f}x | {100 * value * flops / peak:.1f}% |")
+                print(f"| {name} | {value:,.0f} | {value / tps[hf_name]:.2f}x | {100 * value * flops / peak:.1f}% "
+                      f"| {best[name]:,.0f} | {best[name] / best[hf_name]:.2f}x |")
 
         if not args.skip_decode:
             model.eval()
