@@ -40,7 +40,11 @@ def export_main(argv: list[str] | None = None) -> int:
                      "saved to, e.g. runs/NAME/tokenizer)")
     try:
         model = load_checkpoint(args.checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _find_tokenizer(args.checkpoint))
+        tokenizer_dir = args.tokenizer or _find_tokenizer(args.checkpoint)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except Exception as e:  # tokenizers and transformers raise many kinds for a damaged tokenizer.json
+            raise ValueError(f"cannot load the tokenizer in {tokenizer_dir}: {' '.join(str(e).split())}") from e
         out = export(model, tokenizer, args.out, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"align export: error: {e}", file=sys.stderr)

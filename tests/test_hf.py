@@ -95,6 +95,32 @@ def test_greedy_generation_matches_transformers(case):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "gpt2-tied-bias"])
+def test_batched_greedy_generation_with_eos_and_pad_matches_transformers(case):
+    """A row that finishes early is padded with pad_token_id while the other goes on, as in HF generate."""
+    model = randomized(CASES[case], seed=2)
+    with torch.no_grad():  # larger weights than the init's, so that greedy text does not repeat one token
+        for p in model.parameters():
+            p.mul_(10.0) if p.dim() > 1 else None
+    hf = to_hf(model)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 512, (2, 6))
+    free = model.generate(prompt, 12, temperature=0)[:, 6:]
+    # eos: the first token that row 0 emits at some step j >= 1 and neither row emitted before, so row 0 stops first
+    j = next(j for j in range(1, 8) if free[0, j].item() not in free[0, :j].tolist() + free[1, : j + 1].tolist())
+    eos = free[0, j].item()
+    ours = model.generate(prompt, 12, temperature=0, eos_token_id=eos, pad_token_id=1)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(ours, theirs)
+    assert ours[0, 6 + j + 1 :].eq(1).all() and not ours[1, 6 + j + 1 :].eq(1).all()
+
+
+def test_to_hf_leaves_the_model_as_it_was():
+    model = randomized(CASES["llama-gqa-tied"]).to(torch.bfloat16)
+    hf = to_hf(model)
+    assert model.wte.weight.dtype == torch.bfloat16 and hf.model.embed_tokens.weight.dtype == torch.float32
+
+
 def test_round_trip_from_transformers_llama_and_gpt2():
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
@@ -235,6 +261,15 @@ def test_export_command_bad_input_is_a_clear_error_without_traceback(tmp_path, t
     missing_tok = subprocess.run([sys.executable, "-m", "align.cli", "export", str(ckpt), "--out",
                                   str(tmp_path / "b"), "--tokenizer", str(tmp_path / "nowhere")],
                                  capture_output=True, text=True)
-    for result, needle in ((corrupt, "model.safetensors does not hold the weights"), (missing_tok, "nowhere")):
+    save_checkpoint(model, ckpt)
+    (tmp_path / "run" / "tokenizer" / "tokenizer.json").write_text("{garbage")
+    bad_tok = subprocess.run([sys.executable, "-m", "align.cli", "export", str(ckpt), "--out", str(tmp_path / "c")],
+                             capture_output=True, text=True)
+    (ckpt / "gpt_config.json").write_text("null")
+    null_config = subprocess.run([sys.executable, "-m", "align.cli", "export", str(ckpt), "--out",
+                                  str(tmp_path / "d")], capture_output=True, text=True)
+    for result, needle in ((corrupt, "model.safetensors does not hold the weights"), (missing_tok, "nowhere"),
+                           (bad_tok, "cannot load the tokenizer in"), (null_config, "gpt_config.json: expected")):
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+        assert result.stderr.strip().splitlines()[-1].startswith("align export: error:"), result.stderr
+    assert not any((tmp_path / name).exists() for name in "abcd")

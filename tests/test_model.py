@@ -18,6 +18,11 @@ from conftest import tiny_config
         (dict(mlp="relu"), "mlp"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(dropout=1.5), "dropout"),
+        (dict(n_layer=True), "n_layer"),
+        (dict(intermediate_size="big"), "intermediate_size"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(norm_eps=-1e-5), "norm_eps"),
+        (dict(tie_embeddings="yes"), "tie_embeddings"),
     ],
 )
 def test_invalid_config_names_the_field(fields, message):
@@ -249,3 +254,37 @@ def test_bad_sampling_arguments():
     for kwargs, message in ((dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p")):
         with pytest.raises(ValueError, match=message):
             sample_next_token(logits, **kwargs)
+
+
+def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
+    model = GPT(tiny_config()).train()
+    idx = torch.randint(0, 512, (1, 4))
+    for kwargs, message in ((dict(temperature=-1), "temperature"), (dict(temperature=0, top_k=0), "top_k"),
+                            (dict(temperature=0, top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, 3, **kwargs)
+        assert model.training
+    with pytest.raises(ValueError, match="batch, time"):
+        model.generate(idx[0], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(idx, -1)
+
+
+def test_generated_tokens_can_be_scored_with_gradients():
+    model = GPT(tiny_config())
+    out = model.generate(torch.randint(0, 512, (2, 4)), 5, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    model.train()
+    _, loss = model(out[:, :-1], out[:, 1:])
+    loss.backward()
+    assert model.wte.weight.grad is not None
+
+
+def test_generation_may_fill_the_context_exactly():
+    """The last new token is never fed back: block_size + 1 tokens in all, as transformers allows."""
+    model = GPT(tiny_config(block_size=16))
+    out = model.generate(torch.randint(0, 512, (1, 10)), 7, temperature=0)
+    assert out.shape == (1, 17)
+    assert torch.equal(out, model.generate(out[:, :10], 7, temperature=0, use_cache=False))
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(out[:, :10], 8, temperature=0)

@@ -35,8 +35,15 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        for name in ("tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.norm not in NORMS:
             raise ValueError(f"GPTConfig.norm must be one of {NORMS}, got {self.norm!r}")
         if self.position not in POSITIONS:
@@ -53,15 +60,20 @@ class GPTConfig:
             )
         if self.position == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.intermediate_size is None:
             if self.mlp == "gelu":
                 self.intermediate_size = 4 * self.n_embd
             else:  # SwiGLU: 2/3 of 4*n_embd keeps the parameter count of a GELU MLP
                 self.intermediate_size = 64 * ((8 * self.n_embd // 3 + 63) // 64)
-        elif self.intermediate_size <= 0:
-            raise ValueError(f"GPTConfig.intermediate_size must be positive, got {self.intermediate_size}")
+        elif (
+            not isinstance(self.intermediate_size, int) or isinstance(self.intermediate_size, bool)
+            or self.intermediate_size <= 0
+        ):
+            raise ValueError(
+                f"GPTConfig.intermediate_size must be a positive integer or null, got {self.intermediate_size!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -120,11 +132,16 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "GPTConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of GPTConfig fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(f"{source}: unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
 
 # Presets. The tiny one trains in minutes on 2 CPU cores; the others are the sizes of the

@@ -316,7 +316,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: sampled sequences are often scored with gradients afterwards (RL)
     def generate(
         self,
         idx: torch.Tensor,
@@ -325,45 +325,65 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Continue each row of idx (B, T) by up to max_new_tokens. temperature=0 is greedy.
 
-        Rows that emitted an eos token are padded with it while the others finish; generation stops early
-        once every row has finished. Returns (B, T + generated)."""
+        A row that has emitted an eos token is padded with pad_token_id (default: the first eos id, as
+        transformers does without a pad token) while the others finish; generation stops early once every row
+        has finished. Returns (B, T + generated)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        check_sampling_args(temperature, top_k, top_p)
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
+        # The last new token is never fed back, so the positions used are T + max_new_tokens - 1.
+        if T + max_new_tokens - 1 > self.config.block_size:
             raise ValueError(
-                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size ({self.config.block_size})"
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size ({self.config.block_size}) + 1"
             )
-        was_training = self.training
-        self.eval()
         eos = None
         if eos_token_id is not None:
             eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             eos = torch.tensor(eos_list, device=idx.device)
-        cache = None
-        if use_cache:
-            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out, pos, step_input = idx, 0, idx
-        for _ in range(max_new_tokens):
-            if cache is not None:
-                logits = self.lm_head(self.hidden_states(step_input, cache, pos)[:, -1])
-                pos += step_input.size(1)
-            else:
-                logits = self.lm_head(self.hidden_states(out)[:, -1])
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if eos is not None:
-                next_token = torch.where(finished, eos[0], next_token)
-                finished |= torch.isin(next_token, eos)
-            out = torch.cat([out, next_token[:, None]], dim=1)
-            step_input = next_token[:, None]
-            if finished.all():
-                break
-        self.train(was_training)
+            pad = eos_list[0] if pad_token_id is None else pad_token_id
+        was_training = self.training
+        self.eval()
+        try:
+            cache = None
+            if use_cache:
+                cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            out, pos, step_input = idx, 0, idx
+            for _ in range(max_new_tokens):
+                if cache is not None:
+                    logits = self.lm_head(self.hidden_states(step_input, cache, pos)[:, -1])
+                    pos += step_input.size(1)
+                else:
+                    logits = self.lm_head(self.hidden_states(out)[:, -1])
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                if eos is not None:
+                    next_token = torch.where(finished, pad, next_token)
+                    finished |= torch.isin(next_token, eos)
+                out = torch.cat([out, next_token[:, None]], dim=1)
+                step_input = next_token[:, None]
+                if finished.all():
+                    break
+        finally:
+            self.train(was_training)
         return out
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample_next_token(
@@ -374,19 +394,14 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of logits (B, vocab): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.

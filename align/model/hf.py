@@ -78,7 +78,7 @@ def hf_config(config: GPTConfig):
 
 def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     c = model.config
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     out = {}
     if c.family == "llama":
@@ -129,7 +129,7 @@ def to_hf(model: GPT) -> PreTrainedModel:
     config = hf_config(model.config)
     hf_cls = LlamaForCausalLM if model.config.family == "llama" else GPT2LMHeadModel
     hf_model = hf_cls(config).float()
-    missing, unexpected = hf_model.load_state_dict(_hf_state_dict(model.float()), strict=False)
+    missing, unexpected = hf_model.load_state_dict(_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".attn.masked_bias")]
     if missing or unexpected:
         raise RuntimeError(f"weight mapping is incomplete: missing {missing}, unexpected {unexpected}")
