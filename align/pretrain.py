@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from align.data.corpus import DataError
+from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards
 from align.hardware import bf16_supported, device_type
@@ -273,6 +273,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     from align.tokenizer import tokenizer_hash
 
     check_config(cfg)
+    check_sources(data_cfg.sources)  # on every rank, so that all of them stop on a missing file, not only the first
     arch = model_config(cfg)
     if cfg.block_size > arch.block_size:
         source = cfg.init_from or cfg.model
@@ -321,9 +322,6 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             f"{accelerator.distributed_type.value} (every process holds the whole model; nothing is sharded)")
     # Accelerate warns on every save that it dropped lm_head.weight, which is tied to wte.weight: expected here.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    if main:
-        prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
-    accelerator.wait_for_everyone()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -340,6 +338,10 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     # Validation windows: a fixed sample spread over the whole split (whatever the training seed), so val_loss is
     # comparable between runs and covers every source, not just the first one in the file.
     val_data = BatchLoader(TokenShards(data_dir, "val", tok_hash), cfg.block_size, cfg.batch_size, seed=VAL_SEED)
+    # Only now, with the data known to be good, is an existing run moved aside (--overwrite) or continued.
+    if main:
+        prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
     model = build_model(cfg, arch, tokenizer)
@@ -473,10 +475,10 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
     if last_val is None:
         last_val = evaluate()
-    if not recent and log_path.is_file():  # an already finished run resumed: report its logged numbers
+    if log_path.is_file():  # the run's whole log: after a resume the summary covers what an uninterrupted run's does
         logged = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        recent = [r["loss"] for r in logged[-10:]]
-        rates = [r["tokens_per_sec"] for r in logged]
+        recent = [r["loss"] for r in logged[-10:]] or recent
+        rates = rates or [r["tokens_per_sec"] for r in logged]
     steady = rates[1:] or rates
     metrics = {
         "train_loss": sum(recent) / len(recent) if recent else None,

@@ -6,6 +6,8 @@ import dataclasses
 import enum
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -55,6 +57,7 @@ def _parse(parser: RecipeParser, argv: list[str]):
         if unknown:
             raise RecipeError(f"recipe {config_path}: unknown key(s) {', '.join(map(str, unknown))}; check the "
                               f"spelling against `{parser.prog} --help`")
+        check_types(parser.dataclass_types, data, config_path)
     # The flags alone first, so a typo is reported as such even when it also makes a config check fail.
     _, unknown = parser.parse_known_args(flags)
     if unknown:
@@ -68,6 +71,46 @@ def _parse(parser: RecipeParser, argv: list[str]):
         match = re.match(r"argument --([\w-]+)[^:]*: (.*)", str(e), re.DOTALL)
         field = f"field {match.group(1)}: {match.group(2)}" if match else str(e)
         raise RecipeError(f"recipe {config_path}: {field}") from None
+
+
+def check_types(dataclass_types, data: dict, config_path: Path) -> None:
+    """Refuse recipe values of the wrong type. argparse converts the strings it reads (from the command line, or
+    a quoted YAML value), but YAML's own numbers, booleans, lists and nulls would reach the config unchecked:
+    `max_steps: 2.5` would train 3 steps and `learning_rate: [1, 2]` fail deep inside the loop."""
+    for cls in dataclass_types:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a third-party config whose annotations do not resolve: argparse's checks only
+            continue
+        for field in dataclasses.fields(cls):
+            if field.name in data:
+                problem = _type_problem(hints.get(field.name), data[field.name])
+                if problem:
+                    raise RecipeError(f"recipe {config_path}: field {field.name}: {problem}")
+
+
+def _type_problem(annotation, value) -> str | None:
+    """What is wrong with `value` for a field annotated `annotation` (int, float, bool, str, a list, or Optional of
+    one); None when it fits, or when the annotation is anything else (left to the config's own checks)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(annotation)):
+            return None
+        if len(args) != 1:
+            return None
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return None if isinstance(value, (list, str)) else f"expected a list, got {value!r}"
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation)
+    if expected is None or isinstance(value, str):  # a string is for argparse to convert (or refuse)
+        return None
+    fits = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: False,
+    }[annotation]
+    return None if fits else f"expected {expected}, got {value!r}"
 
 
 def read_recipe(path: Path) -> dict:

@@ -101,7 +101,16 @@ def test_local_formats(tmp_path):
     assert [t for _, t in iter_source(str(tmp_path / "d.parquet"), text_field="content")] == ["parquet row",
                                                                                              "parquet row 2"]
     assert [t for _, t in iter_source(str(tmp_path / "a.txt"))] == ["plain text file"]
-    assert len(local_files(str(tmp_path))) == 4  # a directory: every supported file in it
+    (tmp_path / "e.parquet.gz").write_bytes(gzip.compress((tmp_path / "d.parquet").read_bytes()))
+    assert [t for _, t in iter_source(str(tmp_path / "e.parquet.gz"), text_field="content")] == ["parquet row",
+                                                                                                "parquet row 2"]
+    assert len(local_files(str(tmp_path))) == 5  # a directory: every supported file in it
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.parquet").write_text("not parquet at all")
+    with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
+        list(iter_source(str(tmp_path / "bad.parquet")))
 
 
 def test_hf_dataset_source_streams_a_local_dataset(tmp_path):

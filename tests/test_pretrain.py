@@ -146,6 +146,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(setup, reference):
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in uninterrupted]
     a, b = final_weights(out, 12), final_weights(reference, 12)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    metrics = [json.loads((run_dir / "metrics.json").read_text()) for run_dir in (out, reference)]
+    for key in ("train_loss", "val_loss", "tokens_seen", "steps"):
+        assert metrics[0][key] == metrics[1][key], key  # the summary covers the whole run, not the resumed part
 
 
 def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
@@ -224,6 +227,9 @@ def test_existing_output_dir_is_refused_then_moved_aside(setup, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "--resume" in err and "--overwrite" in err
     assert (out / "notes.txt").read_text() == "precious"
+    # --overwrite with data that cannot be read: the old run stays where it is
+    assert run(recipe, out, "--overwrite", "--sources", str(tmp / "missing.jsonl"), "--data_dir", str(tmp / "d3")) == 2
+    assert (out / "notes.txt").read_text() == "precious" and not list(tmp.glob("occupied.old-*"))
     assert run(recipe, out, "--max_steps", "2", "--overwrite") == 0
     backups = list(tmp.glob("occupied.old-*"))
     assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "precious"
@@ -271,3 +277,24 @@ def test_activation_checkpointing_changes_memory_not_results(setup, reference):
     out = tmp / "recompute"
     assert run(recipe, out, "--activation_checkpointing", "--max_steps", "12") == 0
     assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("max_steps: 2.5", "field max_steps: expected an integer, got 2.5"),
+    ("max_steps: true", "field max_steps: expected an integer, got True"),
+    ("learning_rate: [1, 2]", "field learning_rate: expected a number, got [1, 2]"),
+    ("sources: 5", "field sources: expected a list, got 5"),
+    ("data_name: null", "field data_name: expected a string, got None"),
+])
+def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message):
+    """YAML's own numbers, booleans and lists bypass argparse's conversions: they are checked against the fields."""
+    _, recipe = setup
+    key = line.split(":")[0]
+    kept = [row for row in recipe.read_text().splitlines() if not row.startswith(f"{key}:")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("\n".join(kept + [line]) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(bad, tmp_path / "out")
+    assert exit_info.value.code == 2
+    assert f"recipe {bad}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

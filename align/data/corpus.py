@@ -179,9 +179,13 @@ def _text_of(row, text_field: str, where: str) -> str:
 
 
 def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:  # parquet needs random access, so a .gz one is decompressed into memory
+        pf = pq.ParquetFile(pa.BufferReader(gzip.decompress(path.read_bytes())) if path.name.endswith(".gz") else path)
+    except (pa.ArrowException, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
     if text_field not in pf.schema_arrow.names:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set `text_field` to the text column"
