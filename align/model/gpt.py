@@ -48,7 +48,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     The textbook form, x * cos + cat(-x2, x1) * sin, costs eager PyTorch five passes over q and k and as many in
     backward; `Rotation` makes two each way (the gradient of a rotation is the rotation by minus the angle)."""
-    return Rotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    # Generation records no graph: there the rotation is applied without an autograd.Function's overhead per call.
+    return Rotation.apply(x, cos, sin) if torch.is_grad_enabled() else rotate(x, cos, sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
@@ -124,6 +126,11 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(torch.autograd.Function):
     """silu(gate) * up for h = [gate | up], the output of the fused projection.
 
@@ -162,7 +169,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc(x)
         if self.swiglu:
-            h = SwiGLU.apply(h)
+            h = SwiGLU.apply(h) if torch.is_grad_enabled() else swiglu(h)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.proj(h)
@@ -316,7 +323,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()  # not inference_mode: sampled sequences are often scored with gradients afterwards (RL)
     def generate(
         self,
         idx: torch.Tensor,
@@ -353,28 +359,29 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache = None
-            if use_cache:
-                cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
-            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            out, pos, step_input = idx, 0, idx
-            for _ in range(max_new_tokens):
-                if cache is not None:
-                    logits = self.lm_head(self.hidden_states(step_input, cache, pos)[:, -1])
-                    pos += step_input.size(1)
-                else:
-                    logits = self.lm_head(self.hidden_states(out)[:, -1])
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-                if eos is not None:
-                    next_token = torch.where(finished, pad, next_token)
-                    finished |= torch.isin(next_token, eos)
-                out = torch.cat([out, next_token[:, None]], dim=1)
-                step_input = next_token[:, None]
-                if finished.all():
-                    break
+            with torch.inference_mode():
+                cache = None
+                if use_cache:
+                    cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.wte.weight.dtype)
+                finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+                out, pos, step_input = idx, 0, idx
+                for _ in range(max_new_tokens):
+                    if cache is not None:
+                        logits = self.lm_head(self.hidden_states(step_input, cache, pos)[:, -1])
+                        pos += step_input.size(1)
+                    else:
+                        logits = self.lm_head(self.hidden_states(out)[:, -1])
+                    next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                    if eos is not None:
+                        next_token = torch.where(finished, pad, next_token)
+                        finished |= torch.isin(next_token, eos)
+                    out = torch.cat([out, next_token[:, None]], dim=1)
+                    step_input = next_token[:, None]
+                    if finished.all():
+                        break
         finally:
             self.train(was_training)
-        return out
+        return out.clone()  # made outside inference mode: a normal tensor, which may be scored with gradients (RL)
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
