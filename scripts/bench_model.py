@@ -90,7 +90,32 @@ def bench_decoding(model: GPT, hf_model, prompt_len: int, new_tokens: int, round
             run()
             sync(device)
             elapsed[name] += time.perf_counter() - start
-    return {name: rounds * new_tokens / t for name, t in elapsed.items()}, agree
+    rates = {name: rounds * new_tokens / t for name, t in elapsed.items()}
+    rates["matmuls of a cached step alone"] = weight_streaming_rate(model, new_tokens, device)
+    return rates, agree
+
+
+@torch.inference_mode()
+def weight_streaming_rate(model: GPT, steps: int, device: str) -> float:
+    """Steps/s of just the matmuls of one cached decoding step (every Linear once, batch 1, back to back).
+
+    At batch 1 each weight is read once per token, so this is the ceiling of cached decoding on this machine:
+    what the rest of the step (norms, RoPE, attention, sampling) costs is the gap between it and the cached row."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, layer.in_features, device=device, dtype=layer.weight.dtype) for layer in linears]
+
+    def step():
+        for layer, x in zip(linears, inputs):
+            layer(x)
+
+    for _ in range(5):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps / (time.perf_counter() - start)
 
 
 def main():
