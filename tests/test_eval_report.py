@@ -61,6 +61,24 @@ def test_no_flag_when_accuracy_holds(tmp_path):
     assert summary["flags"] == []
 
 
+@pytest.mark.parametrize("win_rate, flagged", [((0.531, 0.011), True), ((0.505, 0.011), False)])
+def test_paired_win_rate_is_evidence_of_reward_hacking(tmp_path, win_rate, flagged):
+    """The means of the reward are within noise (0.687 -> 0.704, stderr 0.047), as in a tiny pipeline run, but
+    the reward model prefers PPO's answer on the same prompts more often than not, beyond its standard error."""
+    a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.82, 0.019, 400)})
+    b = results_file(tmp_path / "b.json", {"demo_accuracy": (0.7475, 0.022, 400)})
+    extra = {"sft": {"reward_mean": {"value": 0.687, "stderr": 0.047}},
+             "ppo": {"reward_mean": {"value": 0.704, "stderr": 0.047},
+                     "win_rate_vs_sft": {"value": win_rate[0], "stderr": win_rate[1]}}}
+    summary = report.build_report([a, b], tmp_path / "r", names=["sft", "ppo"], extra_metrics=extra, prompts=None)
+    if flagged:
+        assert len(summary["flags"]) == 1
+        assert "prefers ppo's answers (win rate 0.531 ± 0.011)" in summary["flags"][0]
+        assert "reward_mean rose" not in summary["flags"][0]
+    else:
+        assert summary["flags"] == []
+
+
 def test_generations_side_by_side_for_model_dirs(tiny_hf_dir, tmp_path):
     results_file(tiny_hf_dir / "eval" / "results.json", {"demo_accuracy": (0.0, 0.0, 10)}, model=tiny_hf_dir)
     try:
