@@ -54,6 +54,15 @@ def test_suite_runs_offline_on_tiny_model(suite, eval_home, tiny_hf_dir, tmp_pat
     assert report["align"]["suite"] == suite
     assert report["lm_eval"]["n-shot"]["mmlu_anatomy"] == (5 if suite == "core" else 0)
     assert (tmp_path / "results.samples.jsonl").is_file()
+    # --max_new_tokens 8 holds for the generation tasks (the export's own max_new_tokens=128 must not override it)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"])
+               for line in (tmp_path / "results.samples.jsonl").read_text().splitlines()
+               for sample in [json.loads(line)] if sample["task"] in ("gsm8k", "demo", "humaneval")
+               for resp in sample["resps"][0]]
+    assert lengths and max(lengths) <= 12, lengths
 
 
 @register_model("align-oracle")

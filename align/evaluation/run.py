@@ -65,6 +65,9 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
         raise EvalError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
     if peft:
         model = apply_adapter(model, path, Path(peft))
+    # lm-eval sets each request's max_length itself; the export's default max_new_tokens (for pipelines) would
+    # override it and make transformers warn on every generate call.
+    model.generation_config.max_new_tokens = None
     return model.to(device).eval(), tokenizer
 
 
