@@ -12,6 +12,14 @@ POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # a JSON/YAML true is not a layer count
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304
@@ -35,11 +43,11 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not _is_number(value) or not value > 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
         for name in ("tie_embeddings", "bias"):
             if not isinstance(getattr(self, name), bool):
@@ -60,17 +68,14 @@ class GPTConfig:
             )
         if self.position == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.head_dim}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.intermediate_size is None:
             if self.mlp == "gelu":
                 self.intermediate_size = 4 * self.n_embd
             else:  # SwiGLU: 2/3 of 4*n_embd keeps the parameter count of a GELU MLP
                 self.intermediate_size = 64 * ((8 * self.n_embd // 3 + 63) // 64)
-        elif (
-            not isinstance(self.intermediate_size, int) or isinstance(self.intermediate_size, bool)
-            or self.intermediate_size <= 0
-        ):
+        elif not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
             raise ValueError(
                 f"GPTConfig.intermediate_size must be a positive integer or null, got {self.intermediate_size!r}"
             )
