@@ -183,8 +183,8 @@ def main():
                       f"| {best[name]:,.0f} | {best[name] / best[hf_name]:.2f}x |")
 
         if not args.skip_decode:
-            model.eval()
-            hf.eval()
+            model.eval().to(dtype)  # decoding runs in the weights' own dtype (trained with autocast above)
+            hf.eval().to(dtype)
             hf.config.use_cache = True
             prompt_len = 16
             if prompt_len + args.new_tokens > cfg.block_size:

@@ -56,11 +56,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def prepare_bench_data(root: Path, vocab_size: int):
+def prepare_bench_data(root: Path, vocab_size: int, gpu: bool):
+    """CPU: the tiny recipe's kind of corpus. GPU: all of Shakespeare plus the stdlib's source (17M characters,
+    4M tokens), enough text for a GPT-2-sized BPE, so that the 124M model has its real 50K-row embedding."""
     from align.data.prepare import DataConfig, prepare_data
 
-    cfg = DataConfig(data_dir=str(root / "data"), sources=["shakespeare", "arithmetic"], max_chars_per_source=400_000,
-                     arithmetic_documents=4000, vocab_size=vocab_size, num_proc=1)
+    if gpu:
+        cfg = DataConfig(data_dir=str(root / "data"), sources=["shakespeare", "stdlib"], vocab_size=vocab_size,
+                         num_proc=min(8, os.cpu_count() or 1))
+    else:
+        cfg = DataConfig(data_dir=str(root / "data"), sources=["shakespeare", "arithmetic"],
+                         max_chars_per_source=400_000, arithmetic_documents=4000, vocab_size=vocab_size, num_proc=1)
     return cfg, prepare_data(cfg, log=lambda *a: None)
 
 
@@ -129,7 +135,8 @@ def main():
     p.add_argument("--block_size", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--micro_batch_size", type=int, default=0)
-    p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer (and model) vocabulary")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="tokenizer (and model) vocabulary (default: 2048 on CPU, GPT-2's 50257 on GPU)")
     p.add_argument("--steps", type=int, default=15, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per round")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (ours, HF)")
@@ -146,6 +153,7 @@ def main():
     args.preset = args.preset or ("llama-124m" if gpu else "tiny")
     args.block_size = args.block_size or (1024 if gpu else 128)
     args.batch_size = args.batch_size or 32
+    args.vocab_size = args.vocab_size or (50257 if gpu else 2048)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -154,7 +162,7 @@ def main():
 
 
 def bench(args, device, gpu: bool, bf16: bool, dtype, root: Path):
-    data_cfg, data_dir = prepare_bench_data(root, args.vocab_size)
+    data_cfg, data_dir = prepare_bench_data(root, args.vocab_size, gpu)
     from transformers import AutoTokenizer
 
     vocab = 64 * -(-len(AutoTokenizer.from_pretrained(data_dir / "tokenizer")) // 64)
