@@ -36,13 +36,17 @@ def test_logits_and_greedy_generation_match_transformers_on_cuda(case):
     assert torch.equal(ours, theirs)
 
 
-def test_bf16_generation_with_cache_equals_without():
+def test_bf16_generation_with_cache_picks_the_full_forward_argmax():
+    """In bf16 a cached step and a full recompute round differently, so tokens may part at a near-tie; each greedy
+    token must still be (within bf16 rounding) the most likely one under a full forward pass of its prefix."""
     model = randomized(CASES["llama-gqa-tied"]).cuda().to(torch.bfloat16)
     prompt = torch.randint(0, 512, (2, 8), device="cuda")
-    cached = model.generate(prompt, 24, temperature=0)
-    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-    # bf16 rounding differs between a cached step and a full recompute; the first tokens must agree
-    assert torch.equal(cached[:, :16], uncached[:, :16])
+    out = model.generate(prompt, 24, temperature=0)
+    with torch.no_grad():
+        logits = model(out[:, :-1])[0].float()[:, prompt.size(1) - 1 :]
+    chosen = logits.gather(-1, out[:, prompt.size(1) :, None]).squeeze(-1)
+    best = logits.max(-1).values
+    assert (best - chosen).max().item() <= 0.02 * logits.abs().max().item()
 
 
 def test_bf16_autocast_training_step_matches_fp32_and_learns():
