@@ -153,6 +153,19 @@ def test_unexpressible_configs_are_refused():
                                                                  "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope_type"):
         from_hf(LlamaForCausalLM(scaled))
+    from transformers import LlamaModel
+
+    with pytest.raises(ValueError, match="from_hf needs a LlamaForCausalLM .* got LlamaModel"):
+        from_hf(LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4)))
+
+
+def test_export_of_a_one_token_context_model_loads(tmp_path, tiny_tokenizer):
+    """The generation config's default length is half the context, and at least one token."""
+    model = GPT(tiny_config(vocab_size=len(tiny_tokenizer), block_size=1))
+    export(model, tiny_tokenizer, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.generation_config.max_new_tokens == 1
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -199,6 +199,10 @@ def gpt_config_from_hf(hf_cfg) -> GPTConfig:
 def from_hf(hf_model: PreTrainedModel) -> GPT:
     """Our GPT with the weights of an HF LlamaForCausalLM or GPT2LMHeadModel (e.g. to continue pretraining)."""
     config = gpt_config_from_hf(hf_model.config)
+    expected = LlamaForCausalLM if config.family == "llama" else GPT2LMHeadModel
+    if not isinstance(hf_model, expected):
+        raise ValueError(f"from_hf needs a {expected.__name__} (the causal LM, with its head), got "
+                         f"{type(hf_model).__name__}; load the checkpoint with AutoModelForCausalLM.from_pretrained")
     model = GPT(config)
     theirs = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
     if config.tie_embeddings:
@@ -337,7 +341,7 @@ def export(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=min(128, model.config.block_size // 2),
+        max_new_tokens=max(1, min(128, model.config.block_size // 2)),
         do_sample=False,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
