@@ -145,6 +145,11 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: pass one")
+    from accelerate.utils import LoggerType
+
+    trackers = sorted({"none", *(t.value for t in LoggerType)})
+    if cfg.report_to not in trackers:
+        raise ConfigError(f"report_to must be one of {', '.join(trackers)}, got {cfg.report_to!r}")
 
 
 def find_tokenizer_dir(path: Path) -> Path | None:
@@ -253,7 +258,14 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or the last line cut off by the kill
+        if record.get("step", 0) <= step:
+            lines.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
@@ -360,7 +372,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     if cfg.resume:
         ckpts = checkpoint_dirs(output_dir)
         if ckpts:
-            accelerator.load_state(str(ckpts[-1]))
+            check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
+            load_latest_checkpoint(accelerator, ckpts)
             log(f"[pretrain] resumed from {ckpts[-1]} (step {train_state.step})")
             if train_state.step >= cfg.max_steps:
                 log(f"[pretrain] the checkpoint is at step {train_state.step} >= --max_steps {cfg.max_steps}: "
@@ -505,6 +518,38 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     return metrics
 
 
+def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> None:
+    """A run continues only with the architecture and the tokenizer its checkpoints were trained with."""
+    from transformers import AutoTokenizer
+
+    from align.tokenizer import tokenizer_hash
+
+    saved, now = GPTConfig.load(ckpt / CONFIG_FILE).to_dict(), model.config.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+    if changed:
+        raise ConfigError(
+            f"--resume: {ckpt} holds another model than the recipe now builds ({', '.join(changed)}); resume with "
+            f"the settings it was trained with ({output_dir / RECIPE_FILE}), or start a new --output_dir"
+        )
+    run_tokenizer = output_dir / TOKENIZER_DIR
+    if (run_tokenizer / "tokenizer.json").is_file() and tokenizer_hash(AutoTokenizer.from_pretrained(run_tokenizer)) != tok_hash:
+        raise DataError(
+            f"--resume: the run was trained with the tokenizer in {run_tokenizer}, but the data settings now give "
+            "another one (token ids would change meaning mid-run); resume with the data settings it was trained "
+            f"with ({output_dir / RECIPE_FILE}), or start a new --output_dir"
+        )
+
+
+def load_latest_checkpoint(accelerator, ckpts: list[Path]) -> None:
+    try:
+        accelerator.load_state(str(ckpts[-1]))
+    except Exception as e:  # torch, safetensors and accelerate each fail in their own way on a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        previous = (f"move it aside to resume from {ckpts[-2].name}" if len(ckpts) > 1
+                    else "no earlier checkpoint is kept: start again with --overwrite")
+        raise ConfigError(f"--resume: cannot load {ckpts[-1]} ({type(e).__name__}: {reason}); {previous}") from e
+
+
 def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig, log) -> None:
     """A resumed run with other settings than the run it continues is allowed (e.g. more steps), but said."""
     import dataclasses
@@ -529,7 +574,8 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, outp
     ckpts = checkpoint_dirs(output_dir)
     last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved yet"
     return (
-        f"non-finite loss at step {step} (loss {loss}, grad_norm {grad_norm}, lr {lr:.3g}): stopped instead of "
+        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} (loss {loss}, "
+        f"grad_norm {grad_norm}, lr {lr:.3g}): stopped instead of "
         f"training on garbage; {last}. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
         "then --resume (or start again)"
     )

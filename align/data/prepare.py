@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,6 +87,11 @@ class DataConfig:
             raise DataError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
         if self.shard_tokens <= 0:
             raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
+        if self.num_proc < 0:
+            raise DataError(f"num_proc must be >= 0 (0: one per core, at most 8), got {self.num_proc}")
+        if not isinstance(self.data_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.data_name):
+            raise DataError(f"data_name must be a plain name (letters, digits, '.', '_', '-'), got {self.data_name!r}; "
+                            "it names the cache directory, so set data_dir to put the data elsewhere")
 
 
 def cache_key(cfg: DataConfig) -> tuple[str, dict]:
@@ -184,10 +190,19 @@ def build_tokenizer(cfg: DataConfig, log):
                     return
 
     texts = list(sample())
+    if not texts and cleaner.counts["documents_kept"]:
+        raise DataError(
+            f"the train split is empty: all {cleaner.counts['documents_kept']} documents left after cleaning fell "
+            f"in the validation split (val_fraction {cfg.val_fraction}). A document-level split needs more "
+            "documents: cut the text into more files or .jsonl rows, or lower val_fraction"
+        )
     if not texts:
         raise _empty_corpus(cfg, cleaner)
     t0 = time.time()
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    try:
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    except ValueError as e:  # a vocab_size too small for the bytes and special tokens
+        raise DataError(f"vocab_size: {e}") from e
     chars = sum(map(len, texts))
     log(f"[data] trained a {len(tokenizer)}-token BPE on {chars:,} characters in {time.time() - t0:.1f}s")
     return tokenizer

@@ -163,9 +163,14 @@ class BatchLoader:
         usable = [(len(a) - (block_size if shuffle else 1)) // block_size for a in shards.arrays]
         self.n_windows = int(sum(max(u, 0) for u in usable))
         if self.n_windows == 0:
+            # With shuffling the longest shard needs 2 x block_size tokens: a window of block_size + 1 and the room
+            # (< block_size) by which each epoch shifts the window grid.
+            need = 2 * block_size if shuffle else block_size + 1
+            more = "lower val_fraction" if shards.split == "train" else "raise val_fraction"
             raise DataError(
                 f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for one window "
-                f"of block_size {block_size} (+1); add data, raise val_fraction, or lower block_size"
+                f"of block_size {block_size} (a shard of at least {need:,} tokens is needed); add data, {more}, or "
+                "lower block_size"
             )
         self.ends = np.cumsum([max(u, 0) for u in usable])
         self._epochs: dict[int, tuple[np.ndarray, int]] = {}
