@@ -125,6 +125,19 @@ def test_hf_dataset_source_streams_a_local_dataset(tmp_path):
     assert read_meta(data_dir)["cleaning"]["documents_read"] < 50  # the character cap stops the stream
 
 
+def test_hf_source_reads_a_dataset_saved_with_save_to_disk(tmp_path):
+    import datasets
+
+    rows = {"text": [f"saved row {i}" for i in range(20)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict(train=datasets.Dataset.from_dict(rows), test=datasets.Dataset.from_dict(
+        {"text": ["held out"]})).save_to_disk(str(tmp_path / "dict"))
+    assert [t for _, t in iter_source(f"hf:{tmp_path / 'one'}")] == rows["text"]
+    assert [t for _, t in iter_source(f"hf:{tmp_path / 'dict'}", hf_split="test")] == ["held out"]
+    with pytest.raises(DataError, match="could not load dataset.*split 'validation'"):
+        list(iter_source(f"hf:{tmp_path / 'dict'}", hf_split="validation"))
+
+
 def test_a_changed_local_hf_dataset_is_prepared_again(tmp_path):
     """A local dataset directory is fingerprinted by its files, like local sources, so the cache notices an edit."""
     ds_dir = tmp_path / "my_dataset"

@@ -204,7 +204,12 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
 
     name, _, config = spec[len(HF_PREFIX):].partition(":")
     try:
-        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
+            stream = datasets.load_from_disk(name)  # written by save_to_disk: memory-mapped arrow, no streaming
+            if isinstance(stream, datasets.DatasetDict):
+                stream = stream[split]
+        else:
+            stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # the hub, the network and the loading script all fail in their own ways
         raise DataError(f"could not load dataset {name!r} (config {config or None}, split {split!r}): {e}") from e
     for i, row in enumerate(stream):
