@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (~5 min on an H100/H200): the CUDA tests, then the model and pretraining benchmarks
-# (llama-124m bf16 MFU vs transformers, decode tokens/s with and without the KV cache). Logs go to OUT_DIR.
+# The GPU checks in one run (~5 min on an H100/H200): the CUDA tests, the model and pretraining benchmarks
+# (llama-124m bf16 MFU vs transformers, decode tokens/s with and without the KV cache), then the smoke pipeline's
+# training stages (SFT, reward, PPO through TRL in bf16). Logs go to OUT_DIR, one file per step.
 #
 #   scripts/gpu_check.sh [OUT_DIR]          # default: $OUT if set, else runs/gpu_check
 #
@@ -51,4 +52,6 @@ step bench_model "$py" scripts/bench_model.py --preset llama-124m --device cuda 
 step bench_pretrain "$py" scripts/bench_pretrain.py --preset llama-124m --out "$out/bench_pretrain.json"
 step bench_pretrain_compile "$py" scripts/bench_pretrain.py --preset llama-124m --compile --rounds 1 --steps 20 \
     --out "$out/bench_pretrain_compile.json"
+# The alignment stages on the GPU (TRL in bf16): the smoke preset up to PPO (eval needs the benchmark pack).
+step pipeline_smoke "$py" -m align.cli pipeline --preset smoke --out "$(mktemp -d)/smoke" --to ppo
 exit $status
