@@ -396,7 +396,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     log(
         f"[pretrain] {n_params / 1e6:.2f}M parameters, {world} process(es) x {micro} sequences x {grad_accum} "
         f"micro-steps x {cfg.block_size} tokens = {tokens_per_step:,} tokens/step, {dtype}, "
-        f"device {accelerator.device}, peak {peak / 1e9:.0f} GFLOP/s per device"
+        f"device {accelerator.device} ({accelerator.distributed_type.value}), peak {peak / 1e9:.0f} GFLOP/s per device"
     )
 
     def evaluate() -> float:

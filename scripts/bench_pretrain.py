@@ -56,16 +56,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def prepare_bench_data(root: Path, vocab_size: int, gpu: bool):
+def prepare_bench_data(data_dir: Path, vocab_size: int, gpu: bool):
     """CPU: the tiny recipe's kind of corpus. GPU: all of Shakespeare plus the stdlib's source (17M characters,
     4M tokens), enough text for a GPT-2-sized BPE, so that the 124M model has its real 50K-row embedding."""
     from align.data.prepare import DataConfig, prepare_data
 
     if gpu:
-        cfg = DataConfig(data_dir=str(root / "data"), sources=["shakespeare", "stdlib"], vocab_size=vocab_size,
+        cfg = DataConfig(data_dir=str(data_dir), sources=["shakespeare", "stdlib"], vocab_size=vocab_size,
                          num_proc=min(8, os.cpu_count() or 1))
     else:
-        cfg = DataConfig(data_dir=str(root / "data"), sources=["shakespeare", "arithmetic"],
+        cfg = DataConfig(data_dir=str(data_dir), sources=["shakespeare", "arithmetic"],
                          max_chars_per_source=400_000, arithmetic_documents=4000, vocab_size=vocab_size, num_proc=1)
     return cfg, prepare_data(cfg, log=lambda *a: None)
 
@@ -144,6 +144,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument("--data_dir", help="keep the prepared corpus here and reuse it on the next run (default: a temp dir)")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -162,7 +163,7 @@ def main():
 
 
 def bench(args, device, gpu: bool, bf16: bool, dtype, root: Path):
-    data_cfg, data_dir = prepare_bench_data(root, args.vocab_size, gpu)
+    data_cfg, data_dir = prepare_bench_data(Path(args.data_dir) if args.data_dir else root / "data", args.vocab_size, gpu)
     from transformers import AutoTokenizer
 
     vocab = 64 * -(-len(AutoTokenizer.from_pretrained(data_dir / "tokenizer")) // 64)

@@ -46,12 +46,14 @@ step() {  # step NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a failu
     [ "$rc" -eq 0 ] || status=1
 }
 
-step test_cuda "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py  # incl. a 1-GPU FSDP2 launch + resume
 step bench_model "$py" scripts/bench_model.py --preset llama-124m --device cuda --dtype bfloat16 --batch_size 16 \
     --seq_len 1024 --rounds 3 --steps 5
-step bench_pretrain "$py" scripts/bench_pretrain.py --preset llama-124m --out "$out/bench_pretrain.json"
-step bench_pretrain_compile "$py" scripts/bench_pretrain.py --preset llama-124m --compile --rounds 1 --steps 20 \
-    --out "$out/bench_pretrain_compile.json"
+data=$(mktemp -d)/bench-data  # the 17M-character corpus and its 50K BPE, prepared once for both runs
+step bench_pretrain "$py" scripts/bench_pretrain.py --preset llama-124m --data_dir "$data" \
+    --out "$out/bench_pretrain.json"
+step bench_pretrain_compile "$py" scripts/bench_pretrain.py --preset llama-124m --data_dir "$data" --compile \
+    --rounds 1 --steps 20 --out "$out/bench_pretrain_compile.json"
 # The alignment stages on the GPU (TRL in bf16): the smoke preset up to PPO (eval needs the benchmark pack).
 step pipeline_smoke "$py" -m align.cli pipeline --preset smoke --out "$(mktemp -d)/smoke" --to ppo
 exit $status
