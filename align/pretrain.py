@@ -234,6 +234,7 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank has written its own files (its RNG state) before the rename
     full = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         full = accelerator.get_state_dict(model)  # a collective: gathers the sharded weights on the main process
@@ -532,7 +533,9 @@ def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> 
             f"the settings it was trained with ({output_dir / RECIPE_FILE}), or start a new --output_dir"
         )
     run_tokenizer = output_dir / TOKENIZER_DIR
-    if (run_tokenizer / "tokenizer.json").is_file() and tokenizer_hash(AutoTokenizer.from_pretrained(run_tokenizer)) != tok_hash:
+    trained_with = (tokenizer_hash(AutoTokenizer.from_pretrained(run_tokenizer))
+                    if (run_tokenizer / "tokenizer.json").is_file() else tok_hash)
+    if trained_with != tok_hash:
         raise DataError(
             f"--resume: the run was trained with the tokenizer in {run_tokenizer}, but the data settings now give "
             "another one (token ids would change meaning mid-run); resume with the data settings it was trained "
