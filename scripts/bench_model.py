@@ -120,8 +120,10 @@ def weight_streaming_rate(model: GPT, steps: int, device: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="model preset (default: a CPU-sized Llama)")
-    parser.add_argument("--family", choices=["llama", "gpt2", "both"], default="both")
+    parser.add_argument("--preset", default=None,
+                        help="model preset (default: a CPU-sized Llama and its GPT-2 twin, see --family)")
+    parser.add_argument("--family", choices=["llama", "gpt2", "both"], default="both",
+                        help="which of the default models (a preset is its own family)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch_size", type=int, default=16)
