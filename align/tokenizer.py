@@ -33,8 +33,18 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`: digits split one per token, eos/pad/role special tokens, chat template."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of documents, not one string: pass [text]")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    has_text = False
+
+    def documents():
+        nonlocal has_text
+        for text in texts:
+            has_text = has_text or bool(text.strip())
+            yield text
+
     tok = Tokenizer(models.BPE())
     # Digits one per token: numbers tokenize the same wherever they appear, which arithmetic needs.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -49,8 +59,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(documents(), trainer=trainer)
+    if not has_text:
+        raise ValueError("no text to train the tokenizer on: every document is empty or whitespace")
     return wrap(tok)
+
+
+def add_chat_tokens(tokenizer) -> list[str]:
+    """Give a tokenizer (in place) what training on conversations needs: a pad token distinct from eos and, when it
+    has no chat template, align's, with its role tokens and the tokenizer's own eos closing each assistant turn.
+    Returns what was added, for the log."""
+    added = []
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(f"{PAD_TOKEN} as the pad token (distinct from eos: PPO masks padding by pad id)")
+    if not tokenizer.chat_template:
+        roles = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
+        if roles:
+            tokenizer.add_special_tokens({"extra_special_tokens": roles}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = CHAT_TEMPLATE.replace(EOS_TOKEN, tokenizer.eos_token)
+        added.append(f"align's chat template (<|user|> ... <|assistant|> ... {tokenizer.eos_token})")
+    return added
 
 
 def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:

@@ -68,3 +68,32 @@ def test_hash_changes_with_the_vocabulary():
     assert tokenizer_hash(a) != tokenizer_hash(b)
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["x"], vocab_size=100)
+
+
+def test_no_text_to_train_on_is_a_clear_error():
+    for texts in ([], ["", "  \n\t"]):
+        with pytest.raises(ValueError, match="no text to train the tokenizer on"):
+            train_tokenizer(texts, 300)
+    with pytest.raises(TypeError, match="not one string"):
+        train_tokenizer("one document passed bare", 300)
+
+
+def test_a_users_tokenizer_gets_pad_roles_and_a_template_closed_by_its_own_eos():
+    """adapt_tokenizer (pretraining on a given tokenizer) and the stages give any tokenizer the same chat setup."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from align.data.prepare import adapt_tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_tokens([chr(c) for c in range(32, 127)])
+    backend.add_special_tokens(["</s>"])
+    theirs = adapt_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>"))
+    assert theirs.pad_token_id not in (None, theirs.eos_token_id)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert theirs.apply_chat_template(chat, tokenize=False) == "<|user|>hi<|assistant|>ok</s>"
+    out = theirs.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assistant = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert assistant[-1] == theirs.eos_token_id and "".join(theirs.convert_ids_to_tokens(assistant)) == "ok</s>"
+    assert all(len(theirs.encode(role)) == 1 for role in ROLE_TOKENS.values())

@@ -151,19 +151,13 @@ def _empty_corpus(cfg: DataConfig, cleaner: Cleaner) -> DataError:
 
 def adapt_tokenizer(tokenizer):
     """A given tokenizer, with the pad token (distinct from eos), role tokens and chat template the stages need."""
-    from align.tokenizer import CHAT_TEMPLATE, PAD_TOKEN, ROLE_TOKENS
+    from align.tokenizer import add_chat_tokens
 
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"tokenizer {tokenizer.name_or_path} is not a fast tokenizer: align needs tokenizer.json")
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {tokenizer.name_or_path} has no eos token; documents are separated by eos")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if not tokenizer.chat_template:
-        missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-        tokenizer.chat_template = CHAT_TEMPLATE
+    add_chat_tokens(tokenizer)
     return tokenizer
 
 

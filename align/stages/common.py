@@ -228,22 +228,14 @@ def load_tokenizer(path: str, padding_side: str = "right"):
 def add_missing_tokens(tokenizer) -> list[int]:
     """Give a tokenizer what the stages need: eos, a pad token distinct from eos, and the toolkit's chat template
     (with its role tokens) when it has none. Returns the ids of tokens added to the vocabulary."""
-    from align.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS
+    from align.tokenizer import EOS_TOKEN, add_chat_tokens
 
     before = len(tokenizer)
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
         log(f"the tokenizer has no eos token: added {EOS_TOKEN}")
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        log(f"the tokenizer has no pad token distinct from eos: added {PAD_TOKEN} (PPO masks by pad id)")
-    if not tokenizer.chat_template:
-        roles = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
-        if roles:
-            tokenizer.add_special_tokens({"extra_special_tokens": roles}, replace_extra_special_tokens=False)
-        # The toolkit's template with this tokenizer's own eos closing each assistant turn.
-        tokenizer.chat_template = CHAT_TEMPLATE.replace(EOS_TOKEN, tokenizer.eos_token)
-        log("the tokenizer has no chat template: using align's (<|user|> ... <|assistant|> ... eos)")
+    for what in add_chat_tokens(tokenizer):
+        log(f"the tokenizer lacked it: added {what}")
     return list(range(before, len(tokenizer)))
 
 
