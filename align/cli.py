@@ -7,9 +7,9 @@ import importlib
 import sys
 from pathlib import Path
 
-# command -> (module with a `main(argv)` function, one-line help)
+# command -> (module with a `main(argv)` function, or module:function, one-line help)
 COMMANDS = {
-    "prepare-data": ("align.data.prepare", "build the tokenizer and token shards for a pretraining recipe"),
+    "prepare-data": ("align.pretrain:prepare_main", "build the tokenizer and token shards for a pretraining recipe"),
     "pretrain": ("align.pretrain", "pretrain the from-scratch GPT (--config recipes/<preset>/pretrain.yaml)"),
     "export": ("align.cli", "export a pretraining checkpoint as a Hugging Face directory"),
     "sft": ("align.stages.sft", "supervised fine-tuning with TRL's SFTTrainer"),
@@ -28,13 +28,20 @@ def export_main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from align.model.hf import export, load_checkpoint
+    from align.runs import prepare_output_dir
 
     parser = argparse.ArgumentParser(prog="align export", description=COMMANDS["export"][1])
     parser.add_argument("checkpoint", help="checkpoint directory (gpt_config.json + model.safetensors)")
     parser.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, or its run's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export over an existing --out directory (it is moved aside to OUT.old-TIME, not deleted)")
     args = parser.parse_args(argv)
+    checkpoint, out_dir = Path(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out_dir == checkpoint or out_dir in checkpoint.parents:
+        parser.error(f"--out {args.out} holds the checkpoint {args.checkpoint}; choose a directory outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out {args.out} is a file; give a directory")
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         parser.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there (give the directory a tokenizer was "
                      "saved to, e.g. runs/NAME/tokenizer)")
@@ -45,6 +52,8 @@ def export_main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         except Exception as e:  # tokenizers and transformers raise many kinds for a damaged tokenizer.json
             raise ValueError(f"cannot load the tokenizer in {tokenizer_dir}: {' '.join(str(e).split())}") from e
+        if args.overwrite:
+            prepare_output_dir(args.out, overwrite=True)  # the old directory is moved aside, never deleted
         out = export(model, tokenizer, args.out, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"align export: error: {e}", file=sys.stderr)
@@ -78,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "export":
         return export_main(rest)
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    module, _, function = COMMANDS[command][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")(rest) or 0
 
 
 if __name__ == "__main__":

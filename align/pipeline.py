@@ -299,5 +299,5 @@ def main(argv: list[str] | None = None) -> int:
                              prog="align pipeline")
     out = Path(args.out)
     Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
-    save_recipe(out, config, extra={"preset": args.preset})
+    save_recipe(out, config, notes={"preset": args.preset})
     return 0

@@ -171,6 +171,8 @@ def model_config(cfg: PretrainConfig) -> GPTConfig:
             return gpt_config_from_hf(AutoConfig.from_pretrained(src))
         if (src / CONFIG_FILE).is_file():
             return GPTConfig.load(src / CONFIG_FILE)
+        if not src.exists():
+            raise ConfigError(f"init_from {src} does not exist")
         raise ConfigError(f"init_from {src}: no {CONFIG_FILE} (align checkpoint) or config.json (HF model) there")
     if cfg.model in PRESETS:
         return preset(cfg.model)
@@ -376,8 +378,13 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
             load_latest_checkpoint(accelerator, ckpts)
             log(f"[pretrain] resumed from {ckpts[-1]} (step {train_state.step})")
-            if train_state.step >= cfg.max_steps:
-                log(f"[pretrain] the checkpoint is at step {train_state.step} >= --max_steps {cfg.max_steps}: "
+            if train_state.step > cfg.max_steps:
+                raise ConfigError(
+                    f"--resume: {ckpts[-1]} is at step {train_state.step}, past --max_steps {cfg.max_steps}: the run "
+                    f"was started with more steps (see {output_dir / RECIPE_FILE}); pass its --max_steps to finish it"
+                )
+            if train_state.step == cfg.max_steps:
+                log(f"[pretrain] the checkpoint is at step {train_state.step} = --max_steps {cfg.max_steps}: "
                     "nothing left to train; writing the export and metrics again (raise --max_steps to go on)")
         else:
             log(f"[pretrain] --resume: no complete checkpoint in {output_dir / CHECKPOINTS}; starting at step 0")
@@ -386,7 +393,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     if main:
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
             _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
-        save_recipe(output_dir, cfg, data_cfg, extra={"data_dir_resolved": str(data_dir)})
+        # resume/overwrite say how this invocation treats the directory, not what the run is
+        save_recipe(output_dir, cfg, data_cfg, notes={"data prepared in": data_dir}, skip=("resume", "overwrite"))
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     if cfg.report_to != "none":
         accelerator.init_trackers("pretrain")
@@ -399,6 +407,11 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         f"micro-steps x {cfg.block_size} tokens = {tokens_per_step:,} tokens/step, {dtype}, "
         f"device {accelerator.device} ({accelerator.distributed_type.value}), peak {peak / 1e9:.0f} GFLOP/s per device"
     )
+    if cfg.init_from:
+        log(f"[pretrain] the architecture is init_from's ({cfg.init_from}); model {cfg.model!r} is not used")
+    if cfg.warmup_steps > cfg.max_steps:
+        log(f"[pretrain] note: warmup_steps {cfg.warmup_steps} > max_steps {cfg.max_steps}, so the learning rate "
+            f"never reaches {cfg.learning_rate:g}")
 
     def evaluate() -> float:
         model.eval()
@@ -458,7 +471,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             if train_state.step % cfg.eval_steps == 0 or train_state.step == cfg.max_steps:
                 last_val = evaluate()
                 record.update(val_loss=round(last_val, 6), val_ppl=round(math.exp(min(last_val, 50)), 4))
-                bar.write(f"step {train_state.step}: loss {step_loss:.4f}, val_loss {last_val:.4f}")
+                if main:  # tqdm.write prints on every rank, the bar only on the main one
+                    bar.write(f"step {train_state.step}: loss {step_loss:.4f}, val_loss {last_val:.4f}")
             if main:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -475,7 +489,8 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
                 saved_step = train_state.step
             if stop["signal"]:
                 bar.close()
-                log(f"[pretrain] SIGTERM: saved {ckpt} at step {train_state.step}; continue with --resume")
+                log(f"[pretrain] SIGTERM: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; continue "
+                    f"with the same command and --resume (keeping --max_steps {cfg.max_steps})")
                 return {"stopped_at": train_state.step, "checkpoint": str(ckpt)}
     finally:
         bar.close()
@@ -495,7 +510,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         rates = rates or [r["tokens_per_sec"] for r in logged]
     steady = rates[1:] or rates
     metrics = {
-        "train_loss": sum(recent) / len(recent) if recent else None,
+        "train_loss": round(sum(recent) / len(recent), 6) if recent else None,
         "val_loss": last_val,
         "val_ppl": math.exp(min(last_val, 50)),
         "tokens_seen": train_state.tokens,
@@ -582,6 +597,19 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, outp
         f"training on garbage; {last}. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
         "then --resume (or start again)"
     )
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """`align prepare-data --config recipes/<preset>/pretrain.yaml [--key value ...]`: the data step of a pretraining
+    recipe on its own. The recipe's training fields are checked like `align pretrain` checks them, then unused."""
+    try:
+        _, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align prepare-data")
+        data_dir = prepare_data(data_cfg)
+    except DataError as e:
+        print(f"align prepare-data: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[data] ready: {data_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

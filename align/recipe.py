@@ -126,12 +126,18 @@ def read_recipe(path: Path) -> dict:
     return data
 
 
-def save_recipe(out_dir: str | Path, *configs, extra: dict | None = None) -> Path:
-    """Write the resolved recipe (every field of every config, after overrides) to out_dir/recipe.yaml."""
+def save_recipe(out_dir: str | Path, *configs, notes: dict | None = None, skip: tuple[str, ...] = ()) -> Path:
+    """Write the resolved recipe (every field of every config, after overrides, but those in `skip`) to
+    out_dir/recipe.yaml, which is itself a recipe: `--config out_dir/recipe.yaml` repeats the run. `notes` (facts
+    about the run, not settings) go in as comments."""
     resolved = {}
     for config in configs:
         for field in dataclasses.fields(config):
+            if field.name in skip:
+                continue
             value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = dataclasses.asdict(value)  # e.g. TRL's accelerator_config: a mapping in a recipe
             if isinstance(value, enum.Enum):
                 value = value.value
             if isinstance(value, Path):
@@ -141,8 +147,8 @@ def save_recipe(out_dir: str | Path, *configs, extra: dict | None = None) -> Pat
             except yaml.YAMLError:
                 value = str(value)
             resolved[field.name] = value
-    resolved.update(extra or {})
+    comments = "".join(f"# {key}: {value}\n" for key, value in (notes or {}).items())
     path = Path(out_dir) / RECIPE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(resolved, sort_keys=True))
+    path.write_text(comments + yaml.safe_dump(resolved, sort_keys=True))
     return path

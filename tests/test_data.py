@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from align.data.corpus import Cleaner, DataError, is_validation, iter_source, local_files, normalize, quality_problem
-from align.data.prepare import DataConfig, cached_data_dir, main as prepare_main, prepare_data
+from align.data.prepare import DataConfig, cached_data_dir, prepare_data
 from align.data.shards import BatchLoader, TokenShards, read_meta, token_dtype
 
 PARAGRAPHS = [
@@ -340,6 +340,8 @@ def test_existing_foreign_data_dir(tmp_path):
 
 
 def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
+    from align.pretrain import prepare_main
+
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"sources: [{path}]\nvocab_size: 300\nval_fraction: 0.2\nnum_proc: 1\n"
@@ -350,6 +352,12 @@ def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
     assert "missing.txt' not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prepare_main(["--config", str(recipe), "--no_such_flag", "1"])
+    # the pretraining command line works here too, and a misspelt recipe key is caught as `align pretrain` does
+    assert prepare_main(["--config", str(recipe), "--max_steps", "20"]) == 0
+    recipe.write_text(recipe.read_text() + "lerning_rate: 0.01\n")
+    with pytest.raises(SystemExit):
+        prepare_main(["--config", str(recipe)])
+    assert "unknown key(s) lerning_rate" in capsys.readouterr().err
 
 
 def test_align_cli_dispatches_prepare_data(tmp_path):

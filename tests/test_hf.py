@@ -286,3 +286,33 @@ def test_export_command_bad_input_is_a_clear_error_without_traceback(tmp_path, t
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("align export: error:"), result.stderr
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_export_command_keeps_what_it_would_replace(tmp_path, tiny_tokenizer, capsys):
+    """--overwrite moves the old export aside; an --out that holds the checkpoint itself is refused."""
+    from align.cli import export_main
+
+    model = randomized(dict(tie_embeddings=True))
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "step-000010"
+    save_checkpoint(model, ckpt)
+    tiny_tokenizer.save_pretrained(run_dir / "tokenizer")
+    for out in (run_dir, ckpt):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main([str(ckpt), "--out", str(out), "--overwrite"])
+        assert exit_info.value.code == 2 and "holds the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "tokenizer"]
+
+    out = tmp_path / "hf"
+    assert export_main([str(ckpt), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    backups = list(tmp_path.glob("hf.old-*"))
+    assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "mine"
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+    with pytest.raises(ValueError, match="is a Hugging Face directory"):
+        load_checkpoint(out)
+    idx = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf(out)(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)

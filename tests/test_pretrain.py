@@ -177,6 +177,9 @@ def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     assert run(recipe, out, "--resume") == 0
     assert len(log_of(out)) == 12
     assert "nothing left to train" in capsys.readouterr().out
+    # resuming it with fewer steps than it was trained for (a --max_steps forgotten) is refused, not exported
+    assert run(recipe, out, "--resume", "--max_steps", "6") == 2
+    assert "is at step 12, past --max_steps 6" in capsys.readouterr().err
 
 
 def test_two_processes_match_one_at_the_same_global_batch(setup):
@@ -197,6 +200,7 @@ def test_two_processes_match_one_at_the_same_global_batch(setup):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 process(es) x 4 sequences x 1 micro-steps" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("step 6: loss") == 1  # the eval line once, not once per rank
     a, b = log_of(one), log_of(two)
     assert len(a) == len(b) == 8
     for ra, rb in zip(a, b):
@@ -252,6 +256,16 @@ def test_unknown_tracker_is_refused(setup, capsys):
     tmp, recipe = setup
     assert run(recipe, tmp / "tracker", "--report_to", "wandbx") == 2
     assert "report_to must be one of" in capsys.readouterr().err and not (tmp / "tracker").exists()
+
+
+def test_the_saved_recipe_repeats_the_run(setup, reference):
+    """recipe.yaml holds the resolved settings (not how the directory was treated) and is a recipe itself."""
+    tmp, _ = setup
+    saved = (reference / "recipe.yaml").read_text()
+    assert saved.startswith("# data prepared in: ") and "resume:" not in saved and "overwrite:" not in saved
+    again = tmp / "again"
+    assert run(reference / "recipe.yaml", again) == 0
+    assert [r["loss"] for r in log_of(again)] == [r["loss"] for r in log_of(reference)]
 
 
 def test_block_size_larger_than_the_model(setup, capsys):

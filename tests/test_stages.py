@@ -114,6 +114,17 @@ def test_sft_writes_a_chat_model(sft_dir, run_dir):
     assert_generates(sft_dir)
 
 
+def test_the_saved_recipe_repeats_the_run(sft_dir, tmp_path):
+    """A stage's recipe.yaml is a recipe: every resolved field (TRL's nested configs too) parses back."""
+    import yaml
+
+    again = tmp_path / "again"
+    assert sft.main(["--config", str(sft_dir / "recipe.yaml"), "--output_dir", str(again), "--max_steps", "1"]) == 0
+    first, second = (yaml.safe_load((d / "recipe.yaml").read_text()) for d in (sft_dir, again))
+    changed = {k for k in first if first[k] != second[k]}
+    assert changed <= {"output_dir", "max_steps", "logging_dir"}, changed
+
+
 def test_sft_loss_is_on_the_answer_only(tiny_hf_dir, tmp_path):
     """Prompt/completion and messages data both mask everything but the assistant's tokens (and its eos)."""
     from trl import ModelConfig, SFTConfig

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ class DataConfig:
         default=None,
         metadata={"help": "take about this many characters from each text source (streamed hf: sources need a cap)"},
     )
-    arithmetic_documents: int = field(default=0, metadata={"help": "documents the `arithmetic` source generates"})
+    arithmetic_documents: int = field(default=45_000, metadata={"help": "documents the `arithmetic` source generates"})
     encoding_errors: str = field(
         default="strict", metadata={"help": "non-UTF-8 bytes in local files: strict (error) or replace"}
     )
@@ -198,7 +197,8 @@ def build_tokenizer(cfg: DataConfig, log):
     except ValueError as e:  # a vocab_size too small for the bytes and special tokens
         raise DataError(f"vocab_size: {e}") from e
     chars = sum(map(len, texts))
-    log(f"[data] trained a {len(tokenizer)}-token BPE on {chars:,} characters in {time.time() - t0:.1f}s")
+    short = f" (vocab_size {cfg.vocab_size}: the text has no more merges)" if len(tokenizer) < cfg.vocab_size else ""
+    log(f"[data] trained a {len(tokenizer)}-token BPE{short} on {chars:,} characters in {time.time() - t0:.1f}s")
     return tokenizer
 
 
@@ -282,30 +282,3 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`align prepare-data --config recipes/<preset>/pretrain.yaml [--key value ...]`."""
-    from trl import TrlParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv) or not Path(argv[i + 1]).is_file():
-            print(f"align prepare-data: error: recipe {argv[i + 1] if i + 1 < len(argv) else ''!r} not found",
-                  file=sys.stderr)
-            return 2
-    parser = TrlParser((DataConfig,), prog="align prepare-data")
-    try:
-        # A pretraining recipe holds training fields too: those are the pretraining stage's, ignored here.
-        cfg, _, cli_rest = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-        if cli_rest:
-            parser.error(f"unknown arguments {cli_rest}")
-        data_dir = prepare_data(cfg)
-    except DataError as e:
-        print(f"align prepare-data: error: {e}", file=sys.stderr)
-        return 2
-    print(f"[data] ready: {data_dir}")
-    return 0

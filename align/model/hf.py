@@ -196,8 +196,13 @@ def gpt_config_from_hf(hf_cfg) -> GPTConfig:
     raise ValueError(f"model_type {kind!r} is not supported: from_hf reads Llama and GPT-2 checkpoints")
 
 
-def from_hf(hf_model: PreTrainedModel) -> GPT:
-    """Our GPT with the weights of an HF LlamaForCausalLM or GPT2LMHeadModel (e.g. to continue pretraining)."""
+def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
+    """Our GPT with the weights of an HF LlamaForCausalLM or GPT2LMHeadModel (e.g. to continue pretraining); a
+    directory is loaded with AutoModelForCausalLM first."""
+    if isinstance(hf_model, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
     config = gpt_config_from_hf(hf_model.config)
     expected = LlamaForCausalLM if config.family == "llama" else GPT2LMHeadModel
     if not isinstance(hf_model, expected):
@@ -260,6 +265,9 @@ def save_checkpoint(model: GPT, ckpt_dir: str | Path) -> None:
 def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
     """A GPT from a directory holding gpt_config.json and model.safetensors (a pretraining checkpoint)."""
     ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "config.json").is_file():
+        raise ValueError(f"{ckpt_dir} is a Hugging Face directory (an export), not a pretraining checkpoint: load it "
+                         "with AutoModelForCausalLM.from_pretrained or from_hf, or export runs/NAME/checkpoints/step-N")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(
@@ -327,7 +335,8 @@ def export(
     chat template, generation_config.json and a model card. Written to a temporary name, then renamed."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another directory or overwrite it "
+                              "(`align export --overwrite` moves it aside first)")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer needs a pad token distinct from eos (PPO masks padding by pad_token_id)")
     if len(tokenizer) > model.config.vocab_size:
