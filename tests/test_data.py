@@ -202,6 +202,17 @@ def test_cache_reused_and_keyed_by_config(tmp_path, prepared):
     assert a != b and a.parent == b.parent == tmp_path / "home" / "data"
 
 
+def test_the_cache_knows_a_given_tokenizer_by_its_file(tmp_path, tiny_tokenizer):
+    from align.data.prepare import cache_key
+
+    for name in ("a", "b"):
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    key_a, key_b = (cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / n)))[0] for n in "ab")
+    assert key_a == key_b  # two copies (say two exports of one run) share their shards
+    (tmp_path / "b" / "tokenizer.json").write_text((tmp_path / "b" / "tokenizer.json").read_text().replace(" ", "  ", 1))
+    assert cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / "b")))[0] != key_a
+
+
 def test_multiprocess_tokenization_matches(tmp_path, prepared):
     cfg, data_dir = prepared
     cfg2 = DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "mp"), "num_proc": 2,

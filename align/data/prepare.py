@@ -99,7 +99,8 @@ def cache_key(cfg: DataConfig) -> tuple[str, dict]:
     spec["fingerprints"] = [source_fingerprint(s) for s in cfg.sources]
     spec["format"] = FORMAT_VERSION
     if cfg.tokenizer and Path(cfg.tokenizer, "tokenizer.json").is_file():
-        spec["tokenizer_file"] = hashlib.sha256(Path(cfg.tokenizer, "tokenizer.json").read_bytes()).hexdigest()
+        # the file, not where it lives: continuing from several exports of one run reuses one set of shards
+        spec["tokenizer"] = "sha256:" + hashlib.sha256(Path(cfg.tokenizer, "tokenizer.json").read_bytes()).hexdigest()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return digest, spec
 
