@@ -42,6 +42,9 @@ def export_main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out} holds the checkpoint {args.checkpoint}; choose a directory outside it")
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out {args.out} is a file; give a directory")
+    if (out_dir / "gpt_config.json").is_file() and not (out_dir / "config.json").is_file():
+        parser.error(f"--out {args.out} is a pretraining checkpoint (its training state would be replaced); "
+                     "choose a directory outside the run's checkpoints/")
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         parser.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there (give the directory a tokenizer was "
                      "saved to, e.g. runs/NAME/tokenizer)")

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -219,9 +220,14 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A checkpoint is renamed from its temporary name only once everything
     is written; a step directory without our own files (written last) was damaged or made by hand, and is passed
     over."""
+    return [d for d in step_dirs(output_dir) if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
+
+
+def step_dirs(output_dir: Path) -> list[Path]:
+    """checkpoints/step-N directories, oldest first; a copy named otherwise (step-N.bak) is the user's."""
     root = output_dir / CHECKPOINTS
-    found = sorted(root.glob("step-[0-9]*")) if root.is_dir() else []
-    return [d for d in found if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
+    found = [d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"step-\d+", d.name)] if root.is_dir() else []
+    return sorted(found)
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) -> Path:
@@ -248,8 +254,8 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
             if unwrapped.config.tie_embeddings:
                 state.pop("lm_head.weight", None)
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
+            os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.replace(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -374,6 +380,9 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     log_path = output_dir / LOG_FILE
     if cfg.resume:
         ckpts = checkpoint_dirs(output_dir)
+        for skipped in step_dirs(output_dir):
+            if skipped not in ckpts and (not ckpts or skipped > ckpts[-1]):
+                log(f"[pretrain] warning: passing over {skipped}: no {CONFIG_FILE} + {WEIGHTS_FILE} (incomplete)")
         if ckpts:
             check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
             load_latest_checkpoint(accelerator, ckpts)
@@ -391,10 +400,13 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if main:
             truncate_log(log_path, train_state.step)
     if main:
+        notes = {"data prepared in": data_dir}
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
-            _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
+            changed = _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
+            if changed:  # the file then describes the run from this step on, and says so
+                notes[f"resumed at step {train_state.step} with changed settings"] = ", ".join(changed)
         # resume/overwrite say how this invocation treats the directory, not what the run is
-        save_recipe(output_dir, cfg, data_cfg, notes={"data prepared in": data_dir}, skip=("resume", "overwrite"))
+        save_recipe(output_dir, cfg, data_cfg, notes=notes, skip=("resume", "overwrite"))
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     if cfg.report_to != "none":
         accelerator.init_trackers("pretrain")
@@ -540,7 +552,11 @@ def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> 
 
     from align.tokenizer import tokenizer_hash
 
-    saved, now = GPTConfig.load(ckpt / CONFIG_FILE).to_dict(), model.config.to_dict()
+    try:
+        saved = GPTConfig.load(ckpt / CONFIG_FILE).to_dict()
+    except ValueError as e:
+        raise ConfigError(f"--resume: cannot load {ckpt} ({e}); move it aside to resume from the one before") from e
+    now = model.config.to_dict()
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
     if changed:
         raise ConfigError(
@@ -559,16 +575,20 @@ def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> 
 
 
 def load_latest_checkpoint(accelerator, ckpts: list[Path]) -> None:
+    previous = (f"move it aside to resume from {ckpts[-2].name}" if len(ckpts) > 1
+                else "no earlier checkpoint is kept: start again with --overwrite")
+    rng_file = ckpts[-1] / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():  # Accelerate would go on without it, and the run would not repeat itself
+        raise ConfigError(f"--resume: {ckpts[-1]} has no {rng_file.name}; {previous}")
     try:
         accelerator.load_state(str(ckpts[-1]))
     except Exception as e:  # torch, safetensors and accelerate each fail in their own way on a damaged file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        previous = (f"move it aside to resume from {ckpts[-2].name}" if len(ckpts) > 1
-                    else "no earlier checkpoint is kept: start again with --overwrite")
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
         raise ConfigError(f"--resume: cannot load {ckpts[-1]} ({type(e).__name__}: {reason}); {previous}") from e
 
 
-def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig, log) -> None:
+def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig, log) -> list[str]:
     """A resumed run with other settings than the run it continues is allowed (e.g. more steps), but said."""
     import dataclasses
 
@@ -580,6 +600,7 @@ def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig
                and k not in ("resume", "overwrite")]
     if changed:
         log(f"[pretrain] resuming with changed settings: {', '.join(changed)}")
+    return changed
 
 
 def _main_thread() -> bool:

@@ -297,11 +297,15 @@ def test_export_command_keeps_what_it_would_replace(tmp_path, tiny_tokenizer, ca
     ckpt = run_dir / "checkpoints" / "step-000010"
     save_checkpoint(model, ckpt)
     tiny_tokenizer.save_pretrained(run_dir / "tokenizer")
-    for out in (run_dir, ckpt):
+    other = run_dir / "checkpoints" / "step-000020"
+    save_checkpoint(model, other)
+    for out, message in ((run_dir, "holds the checkpoint"), (ckpt, "holds the checkpoint"),
+                         (other, "is a pretraining checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             export_main([str(ckpt), "--out", str(out), "--overwrite"])
-        assert exit_info.value.code == 2 and "holds the checkpoint" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "tokenizer"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
 
     out = tmp_path / "hf"
     assert export_main([str(ckpt), "--out", str(out)]) == 0

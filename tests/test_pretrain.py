@@ -250,6 +250,16 @@ def test_resume_past_a_torn_log_line_and_a_damaged_checkpoint(setup, reference, 
     assert run(recipe, out, "--resume", "--max_steps", "14") == 2
     err = capsys.readouterr().err
     assert "cannot load" in err and "step-000013" in err and "move it aside to resume from step-000012" in err
+    # doing as told: a moved-aside copy is the user's, neither resumed from nor pruned
+    (out / "checkpoints" / "step-000013").rename(out / "checkpoints" / "step-000013.bad")
+    (out / "checkpoints" / "step-000012" / "random_states_0.pkl").unlink()
+    assert run(recipe, out, "--resume", "--max_steps", "14") == 2
+    assert "step-000012 has no random_states_0.pkl" in capsys.readouterr().err
+    (out / "checkpoints" / "step-000008" / "gpt_config.json").write_text("")
+    shutil.rmtree(out / "checkpoints" / "step-000012")
+    assert run(recipe, out, "--resume", "--max_steps", "14") == 2
+    assert "cannot load" in capsys.readouterr().err  # an unreadable gpt_config.json: no traceback either
+    assert (out / "checkpoints" / "step-000013.bad" / "optimizer.bin").is_file()
 
 
 def test_unknown_tracker_is_refused(setup, capsys):

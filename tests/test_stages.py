@@ -123,6 +123,7 @@ def test_the_saved_recipe_repeats_the_run(sft_dir, tmp_path):
     first, second = (yaml.safe_load((d / "recipe.yaml").read_text()) for d in (sft_dir, again))
     changed = {k for k in first if first[k] != second[k]}
     assert changed <= {"output_dir", "max_steps", "logging_dir"}, changed
+    assert not {"overwrite", "resume_from_checkpoint"} & set(first)  # how a run treated its directory, not the run
 
 
 def test_sft_loss_is_on_the_answer_only(tiny_hf_dir, tmp_path):

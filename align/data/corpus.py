@@ -206,12 +206,14 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
     try:
         if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
             stream = datasets.load_from_disk(name)  # written by save_to_disk: memory-mapped arrow, no streaming
-            if isinstance(stream, datasets.DatasetDict):
-                stream = stream[split]
         else:
             stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # the hub, the network and the loading script all fail in their own ways
         raise DataError(f"could not load dataset {name!r} (config {config or None}, split {split!r}): {e}") from e
+    if isinstance(stream, datasets.DatasetDict):
+        if split not in stream:
+            raise DataError(f"dataset {name} has no split {split!r} (it has {', '.join(stream)}); set hf_split")
+        stream = stream[split]
     for i, row in enumerate(stream):
         yield f"{spec}[{i}]", _text_of(row, text_field, f"{spec}[{i}]")
 

@@ -196,7 +196,7 @@ def build_tokenizer(cfg: DataConfig, log):
     try:
         tokenizer = train_tokenizer(texts, cfg.vocab_size)
     except ValueError as e:  # a vocab_size too small for the bytes and special tokens
-        raise DataError(f"vocab_size: {e}") from e
+        raise DataError(str(e)) from e
     chars = sum(map(len, texts))
     short = f" (vocab_size {cfg.vocab_size}: the text has no more merges)" if len(tokenizer) < cfg.vocab_size else ""
     log(f"[data] trained a {len(tokenizer)}-token BPE{short} on {chars:,} characters in {time.time() - t0:.1f}s")

@@ -168,9 +168,10 @@ class BatchLoader:
             need = 2 * block_size if shuffle else block_size + 1
             more = "lower val_fraction" if shards.split == "train" else "raise val_fraction"
             raise DataError(
-                f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for one window "
-                f"of block_size {block_size} (a shard of at least {need:,} tokens is needed); add data, {more}, or "
-                "lower block_size"
+                f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for block_size "
+                f"{block_size}: the loader needs a shard of at least {need:,} tokens"
+                + (" (a window of block_size + 1, and the room by which each epoch shifts the windows)" if shuffle
+                   else "") + f"; add data, {more}, or lower block_size"
             )
         self.ends = np.cumsum([max(u, 0) for u in usable])
         self._epochs: dict[int, tuple[np.ndarray, int]] = {}

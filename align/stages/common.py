@@ -532,7 +532,8 @@ def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, 
         return
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(out / "metrics.json", {"stage": stage, "num_processes": PartialState().num_processes, **metrics})
-    save_recipe(out, *configs)
+    # overwrite/resume say how this invocation treated the directory, not what the run is
+    save_recipe(out, *configs, notes={"base model": base}, skip=("overwrite", "resume_from_checkpoint"))
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss", "objective/"))}
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     (out / "README.md").write_text(f"""---
