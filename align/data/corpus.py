@@ -226,8 +226,13 @@ def source_fingerprint(spec: str) -> list:
     if spec.startswith(HF_PREFIX):
         local = Path(spec[len(HF_PREFIX):].partition(":")[0])
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
-        return [spec] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec)]
+        return [spec] + [_file_key(p) for p in files]
+    return [_file_key(p) for p in local_files(spec)]
+
+
+def _file_key(path: Path) -> list:
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 # ------------------------------------------------------------------------------------------------------------------
