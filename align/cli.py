@@ -40,6 +40,9 @@ def export_main(argv: list[str] | None = None) -> int:
     checkpoint, out_dir = Path(args.checkpoint).resolve(), Path(args.out).resolve()
     if out_dir == checkpoint or out_dir in checkpoint.parents:
         parser.error(f"--out {args.out} holds the checkpoint {args.checkpoint}; choose a directory outside it")
+    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+        parser.error(f"--out {args.out} is (or holds) the current directory, which the export would replace; give a "
+                     "new directory, e.g. --out ./hf")
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out {args.out} is a file; give a directory")
     if (out_dir / "gpt_config.json").is_file() and not (out_dir / "config.json").is_file():
@@ -56,8 +59,8 @@ def export_main(argv: list[str] | None = None) -> int:
         except Exception as e:  # tokenizers and transformers raise many kinds for a damaged tokenizer.json
             raise ValueError(f"cannot load the tokenizer in {tokenizer_dir}: {' '.join(str(e).split())}") from e
         if args.overwrite:
-            prepare_output_dir(args.out, overwrite=True)  # the old directory is moved aside, never deleted
-        out = export(model, tokenizer, args.out, overwrite=args.overwrite)
+            prepare_output_dir(out_dir, overwrite=True)  # the old directory is moved aside, never deleted
+        out = export(model, tokenizer, out_dir, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"align export: error: {e}", file=sys.stderr)
         return 2

@@ -69,6 +69,9 @@ def add_chat_tokens(tokenizer) -> list[str]:
     """Give a tokenizer (in place) what training on conversations needs: a pad token distinct from eos and, when it
     has no chat template, align's, with its role tokens and the tokenizer's own eos closing each assistant turn.
     Returns what was added, for the log."""
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos token: conversations need one to end each assistant "
+                         "turn (set tokenizer.eos_token first)")
     added = []
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})

@@ -5,6 +5,7 @@ GPT2LMHeadModel (gpt2 family). Decoding tokens/s at batch 1: GPT with KV cache, 
 Rounds alternate between the contenders so that a noisy machine slows all of them alike.
 
     python scripts/bench_model.py                       # CPU defaults (d=256, 6 layers, vocab 8192, T=256, B=16)
+    python scripts/bench_model.py --vocab_size 32000    # the same models with Llama 2's vocabulary
     python scripts/bench_model.py --preset llama-124m --device cuda --dtype bfloat16 --batch_size 16 --seq_len 1024
 """
 
@@ -136,6 +137,7 @@ def main():
     parser.add_argument("--skip_decode", action="store_true")
     parser.add_argument("--skip_train", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="vocabulary of the default models")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.threads:
@@ -146,7 +148,7 @@ def main():
         cfg = preset(args.preset)
         families = {cfg.family: cfg}
     else:
-        llama_cfg = GPTConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=8, n_kv_head=4, n_embd=256,
+        llama_cfg = GPTConfig(vocab_size=args.vocab_size, block_size=512, n_layer=6, n_head=8, n_kv_head=4, n_embd=256,
                               intermediate_size=688, tie_embeddings=True)
         gpt2_cfg = dataclasses.replace(llama_cfg, norm="layernorm", position="learned", mlp="gelu", bias=True,
                                        n_kv_head=llama_cfg.n_head, intermediate_size=4 * llama_cfg.n_embd)

@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -121,6 +122,39 @@ def test_to_hf_leaves_the_model_as_it_was():
     assert model.wte.weight.dtype == torch.bfloat16 and hf.model.embed_tokens.weight.dtype == torch.float32
 
 
+def test_rope_tables_stay_exact_through_a_bf16_round_trip():
+    """model.bfloat16().float() must not leave the RoPE tables rounded: transformers recomputes them in fp32."""
+    model = randomized(CASES["llama-gqa-tied"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # weights that survive the round trip exactly
+    reference = model(torch.arange(64)[None] % 512)[0].detach()
+    model.to(torch.bfloat16).float()
+    idx = torch.arange(64)[None] % 512
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], reference)
+        assert (model(idx)[0] - to_hf(model)(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_a_compiled_model_exports_and_saves_like_the_model(tmp_path):
+    model = randomized(CASES["llama-gqa-tied"])
+    compiled = torch.compile(model)  # a wrapper whose state_dict keys carry `_orig_mod.`; nothing compiles here
+    idx = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert (model(idx)[0] - to_hf(compiled)(idx).logits).abs().max().item() <= 1e-4
+    save_checkpoint(compiled, tmp_path / "ckpt")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "ckpt")(idx)[0], model(idx)[0].detach())
+
+
+def test_dropout_that_transformers_cannot_express_is_warned_about():
+    with pytest.warns(UserWarning, match="attention dropout only"):
+        to_hf(randomized(dict(dropout=0.1)))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.1, attn_pdrop=0.1))
+    with pytest.warns(UserWarning, match="takes resid_pdrop"):
+        assert from_hf(gpt2).config.dropout == 0.0
+
+
 def test_round_trip_from_transformers_llama_and_gpt2():
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
@@ -188,6 +222,10 @@ def test_exported_directory_contents(exported, tiny_tokenizer):
     assert config["bos_token_id"] == tiny_tokenizer.bos_token_id
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tiny_tokenizer.eos_token_id
+    # The saved tokenizer knows the context (truncation=True cuts there); the caller's tokenizer is unchanged.
+    model, _ = exported
+    assert AutoTokenizer.from_pretrained(out).model_max_length == model.config.block_size
+    assert tiny_tokenizer.model_max_length != model.config.block_size
     assert generation["pad_token_id"] == tiny_tokenizer.pad_token_id
 
 
@@ -300,7 +338,7 @@ def test_export_command_keeps_what_it_would_replace(tmp_path, tiny_tokenizer, ca
     other = run_dir / "checkpoints" / "step-000020"
     save_checkpoint(model, other)
     for out, message in ((run_dir, "holds the checkpoint"), (ckpt, "holds the checkpoint"),
-                         (other, "is a pretraining checkpoint")):
+                         (other, "is a pretraining checkpoint"), (".", "the current directory")):
         with pytest.raises(SystemExit) as exit_info:
             export_main([str(ckpt), "--out", str(out), "--overwrite"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

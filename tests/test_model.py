@@ -92,6 +92,16 @@ def test_linear_cross_entropy_matches_full_logits(chunk_rows):
         torch.testing.assert_close(got, want)
 
 
+def test_linear_cross_entropy_with_no_targets_gives_zero_gradients():
+    """As F.cross_entropy: every target ignored gives a NaN mean but zero, not NaN, gradients."""
+    h = torch.randn(8, 16, requires_grad=True)
+    weight = torch.randn(32, 16, requires_grad=True)
+    loss = linear_cross_entropy(h, weight, torch.full((8,), -100))
+    loss.backward()
+    assert loss.isnan()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_training_loss_gradients_match_full_logits():
     torch.manual_seed(0)
     model = GPT(tiny_config())
@@ -266,8 +276,25 @@ def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
         assert model.training
     with pytest.raises(ValueError, match="batch, time"):
         model.generate(idx[0], 3)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(idx[:, :0], 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(idx, -1)
+    for kwargs, message in ((dict(eos_token_id=[]), "eos_token_id"), (dict(temperature=float("nan")), "temperature"),
+                            (dict(temperature=float("inf")), "temperature"), (dict(top_k=2.5), "top_k")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, 3, **kwargs)
+
+
+def test_eos_as_a_tensor_and_a_tiny_temperature_behave():
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 512, (2, 4))
+    greedy = model.generate(idx, 6, temperature=0)
+    eos = int(greedy[0, 5])
+    assert torch.equal(model.generate(idx, 6, temperature=0, eos_token_id=torch.tensor(eos)),
+                       model.generate(idx, 6, temperature=0, eos_token_id=eos))
+    # Dividing raw logits by 1e-45 overflows to inf (and inf - inf = NaN in the softmax); it must act as greedy.
+    assert torch.equal(model.generate(idx, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0)), greedy)
 
 
 def test_generated_tokens_can_be_scored_with_gradients():

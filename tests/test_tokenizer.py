@@ -97,3 +97,13 @@ def test_a_users_tokenizer_gets_pad_roles_and_a_template_closed_by_its_own_eos()
     assistant = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert assistant[-1] == theirs.eos_token_id and "".join(theirs.convert_ids_to_tokens(assistant)) == "ok</s>"
     assert all(len(theirs.encode(role)) == 1 for role in ROLE_TOKENS.values())
+
+
+def test_a_tokenizer_without_eos_is_refused_clearly():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from align.tokenizer import add_chat_tokens
+
+    with pytest.raises(ValueError, match="no eos token"):
+        add_chat_tokens(PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())))

@@ -204,6 +204,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         n_targets = (targets != -100).sum()
+        n_scale = n_targets.clamp(min=1)  # no targets at all: zero gradients (and a NaN loss, as F.cross_entropy)
         dtype = torch.promote_types(weight.dtype, torch.float32)  # the softmax and sums: fp32 at least
         loss = torch.zeros((), device=h.device, dtype=dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -218,7 +219,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(row_max).exp_()  # in place: the chunk's logits become unnormalised softmax
             sum_exp = probs.sum(dim=1, keepdim=True)
             loss += ((sum_exp.log() + row_max - target_logit).squeeze(1) * has_target).sum()
-            scale = has_target[:, None].to(dtype) / n_targets
+            scale = has_target[:, None].to(dtype) / n_scale
             grad_logits = probs.mul_(scale / sum_exp).scatter_add_(1, t_chunk[:, None], -scale)
             if grad_h is not None:
                 grad_h[start : start + chunk_rows] = grad_logits.to(weight.dtype) @ weight
@@ -266,6 +267,17 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .bfloat16(), ... apply to buffers too: the RoPE tables are remade in fp32 on the new
+        # device afterwards, so that a bf16 round trip (m.bfloat16().float()) does not leave them rounded
+        # (transformers recomputes its tables in fp32 on every forward; ours must stay as exact to match it).
+        super()._apply(fn, recurse)
+        if self.config.position == "rope":
+            device = self.rope_cos.device
+            self.rope_cos, self.rope_sin = rope_tables(self.config.head_dim, self.config.block_size,
+                                                       self.config.rope_theta, device=device)
+        return self
 
     def reset_parameters(self):
         """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -340,8 +352,9 @@ class GPT(nn.Module):
         A row that has emitted an eos token is padded with pad_token_id (default: the first eos id, as
         transformers does without a pad token) while the others finish; generation stops early once every row
         has finished. Returns (B, T + generated)."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids with at least one token per row, "
+                             f"got shape {tuple(idx.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         check_sampling_args(temperature, top_k, top_p)
@@ -352,8 +365,13 @@ class GPT(nn.Module):
                 f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size ({self.config.block_size}) + 1"
             )
         eos = None
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.flatten().tolist()
         if eos_token_id is not None:
             eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            if not eos_list or any(isinstance(t, bool) or int(t) != t for t in eos_list):
+                raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+            eos_list = [int(t) for t in eos_list]
             eos = torch.tensor(eos_list, device=idx.device)
             pad = eos_list[0] if pad_token_id is None else pad_token_id
         was_training = self.training
@@ -385,10 +403,10 @@ class GPT(nn.Module):
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not temperature >= 0 or math.isinf(temperature):  # also refuses NaN
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -404,7 +422,9 @@ def sample_next_token(
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so that the largest logit is 0 before dividing: a tiny temperature then gives -inf, not inf - inf.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +35,10 @@ WEIGHTS_FILE = "model.safetensors"
 def hf_config(config: GPTConfig):
     """The transformers config that expresses `config` exactly, or a ValueError saying why none does."""
     if config.family == "llama":
+        if config.dropout:
+            warnings.warn(f"dropout={config.dropout}: transformers' Llama has attention dropout only, so the exported "
+                          "model trains without our embedding and residual dropout (eval-mode logits are identical)",
+                          stacklevel=2)
         return LlamaConfig(
             vocab_size=config.vocab_size,
             hidden_size=config.n_embd,
@@ -124,8 +130,14 @@ def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The GPT inside a torch.compile wrapper (whose state_dict keys carry an `_orig_mod.` prefix)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def to_hf(model: GPT) -> PreTrainedModel:
     """The same network as a transformers model (fp32, eval mode): identical logits up to float rounding."""
+    model = unwrap(model)
     config = hf_config(model.config)
     hf_cls = LlamaForCausalLM if model.config.family == "llama" else GPT2LMHeadModel
     hf_model = hf_cls(config).float()
@@ -178,6 +190,10 @@ def gpt_config_from_hf(hf_cfg) -> GPTConfig:
             raise ValueError(f"GPT-2 activation {hf_cfg.activation_function!r} is not supported; only tanh GELU")
         if hf_cfg.scale_attn_by_inverse_layer_idx or not hf_cfg.scale_attn_weights:
             raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+        if not hf_cfg.resid_pdrop == hf_cfg.embd_pdrop == hf_cfg.attn_pdrop:
+            warnings.warn(f"GPT-2 resid_pdrop={hf_cfg.resid_pdrop}, embd_pdrop={hf_cfg.embd_pdrop}, attn_pdrop="
+                          f"{hf_cfg.attn_pdrop}: our model has one dropout rate and takes resid_pdrop for all three "
+                          "(eval-mode logits are unaffected)", stacklevel=2)
         return GPTConfig(
             vocab_size=hf_cfg.vocab_size,
             block_size=hf_cfg.n_positions,
@@ -256,7 +272,7 @@ def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
 
 def save_checkpoint(model: GPT, ckpt_dir: str | Path) -> None:
     """Write gpt_config.json and model.safetensors (tied weights stored once)."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir, model = Path(ckpt_dir), unwrap(model)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     model.config.save(ckpt_dir / CONFIG_FILE)
     save_model(model, str(ckpt_dir / WEIGHTS_FILE))
@@ -274,7 +290,7 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
                 f"{ckpt_dir / name} not found: a checkpoint directory from `align pretrain` holds {CONFIG_FILE} "
                 f"and {WEIGHTS_FILE} (e.g. runs/NAME/checkpoints/step-000300)"
             )
-    model = GPT(GPTConfig.load(ckpt_dir / CONFIG_FILE))
+    model = GPT(GPTConfig.load(ckpt_dir / CONFIG_FILE)).to(map_location)
     try:
         load_model(model, str(ckpt_dir / WEIGHTS_FILE), strict=True, device=map_location)
     except (SafetensorError, RuntimeError, OSError) as e:  # a corrupt file; size or key mismatches
@@ -313,6 +329,15 @@ print(generate([{{"role": "user", "content": "What is 2 + 3?"}}])[0]["generated_
 """
 
 
+def _set_model_max_length(tokenizer_dir: Path, block_size: int) -> None:
+    """Record the model's context in the saved tokenizer, so that `truncation=True` cuts at block_size (a tokenizer
+    trained on its own says 'unlimited'); the caller's tokenizer object is left as it was."""
+    path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["model_max_length"] = block_size
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def replace_dir_atomically(tmp_dir: Path, out_dir: Path) -> None:
     """Move a finished tmp_dir to out_dir; an existing out_dir is only removed once the new one is in place."""
     old = None
@@ -333,7 +358,7 @@ def export(
 ) -> Path:
     """Write an HF checkpoint directory: safetensors, config.json (with pad/eos/bos ids), tokenizer files with
     chat template, generation_config.json and a model card. Written to a temporary name, then renamed."""
-    out_dir = Path(out_dir)
+    out_dir, model = Path(out_dir), unwrap(model)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another directory or overwrite it "
                               "(`align export --overwrite` moves it aside first)")
@@ -358,6 +383,7 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _set_model_max_length(tmp, model.config.block_size)
     model.config.save(tmp / CONFIG_FILE)
     (tmp / "README.md").write_text(_model_card(model, tokenizer, type(hf_model).__name__))
     for name, text in (extra_files or {}).items():
