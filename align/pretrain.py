@@ -183,8 +183,10 @@ def model_config(cfg: PretrainConfig) -> GPTConfig:
 
 
 def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
+    from align.tokenizer import id_limit
+
     if not cfg.init_from:
-        arch.vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # a multiple of 64 keeps the LM-head matmul fast
+        arch.vocab_size = 64 * math.ceil(id_limit(tokenizer) / 64)  # a multiple of 64 keeps the LM-head matmul fast
         return GPT(GPTConfig.from_dict(arch.to_dict()))
     src = Path(cfg.init_from)
     if (src / "config.json").is_file():
@@ -195,10 +197,9 @@ def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
         model = from_hf(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
     else:
         model = load_checkpoint(src)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {len(tokenizer)} tokens but init_from {src} has vocab_size {model.config.vocab_size}"
-        )
+    if id_limit(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has token ids up to {id_limit(tokenizer) - 1} but init_from {src} has "
+                          f"vocab_size {model.config.vocab_size}")
     return model.train()
 
 
@@ -403,6 +404,12 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         notes = {"data prepared in": data_dir}
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
             changed = _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
+            trained_on = _noted(output_dir / RECIPE_FILE, "data prepared in")
+            if trained_on and trained_on != str(data_dir) and train_state.step > 0:
+                log(f"[pretrain] warning: the data changed since this run started (it trained on {trained_on}, the "
+                    f"sources now give {data_dir}): from step {train_state.step} on it trains on the new shards, "
+                    f"not the batches it would have seen (restore the sources to resume on the old data)")
+                changed.append(f"data {trained_on} -> {data_dir}")
             if changed:  # the file then describes the run from this step on, and says so
                 notes[f"resumed at step {train_state.step} with changed settings"] = ", ".join(changed)
         # resume/overwrite say how this invocation treats the directory, not what the run is
@@ -601,6 +608,14 @@ def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig
     if changed:
         log(f"[pretrain] resuming with changed settings: {', '.join(changed)}")
     return changed
+
+
+def _noted(recipe_path: Path, key: str) -> str | None:
+    """A note save_recipe wrote into recipe.yaml as a `# key: value` comment."""
+    for line in recipe_path.read_text().splitlines():
+        if line.startswith(f"# {key}: "):
+            return line[len(f"# {key}: "):]
+    return None
 
 
 def _main_thread() -> bool:

@@ -100,6 +100,11 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
+def id_limit(tokenizer) -> int:
+    """One more than the largest token id: the rows an embedding needs (len(tokenizer), unless the ids have gaps)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     """A short fingerprint of the vocabulary, merges and special tokens (stored with token shards)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -47,6 +47,13 @@ def test_normalize_unicode_and_whitespace():
     assert normalize(raw) == "Caf\u00e9\nline two\n\nend here"
 
 
+def test_normalize_removes_c1_controls_and_soft_hyphens_and_unifies_line_breaks():
+    raw = "caf\u00e9 \x93quoted\x94\x85next\u2028line\u2029para\rold mac\r\nwin\u00adter"
+    assert normalize(raw) == "caf\u00e9 quoted\nnext\nline\npara\nold mac\nwinter"
+    # copies that differ only in such characters are one document
+    assert normalize("a\u00adb\u2028c") == normalize("ab\nc")
+
+
 def test_quality_filters():
     assert quality_problem("short", min_chars=20) == "too_short"
     assert quality_problem("#$%^&*(){}[]|\\<>" * 10, min_chars=20) == "low_quality"
@@ -111,6 +118,37 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     (tmp_path / "bad.parquet").write_text("not parquet at all")
     with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
         list(iter_source(str(tmp_path / "bad.parquet")))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match="ints.parquet: column 'text' holds int64, not strings"):
+        list(iter_source(str(tmp_path / "ints.parquet")))
+
+
+def test_damaged_gzip_is_a_clear_error(tmp_path):
+    (tmp_path / "plain.txt.gz").write_text("not compressed")
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a row"}\n' * 100)[:-20])
+    for name in ("plain.txt.gz", "cut.jsonl.gz"):
+        with pytest.raises(DataError, match=f"{name}: not a readable gzip file"):
+            list(iter_source(str(tmp_path / name)))
+
+
+def test_jsonl_lines_end_only_at_newline_and_a_bom_is_skipped(tmp_path):
+    """U+2028/U+0085 inside a JSON string are legal (json.dumps(ensure_ascii=False) writes them raw)."""
+    rows = [{"text": "one"}, {"text": "two\u2028still two\x85and two"}, {"text": "three"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    assert [(origin.rsplit(":", 1)[1], text) for origin, text in iter_source(str(path))] == [
+        ("1", "one"), ("2", "two\u2028still two\x85and two"), ("3", "three")]
+    (tmp_path / "rows.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[:1]).encode())
+    assert [text for _, text in iter_source(str(tmp_path / "rows.json"))] == ["one"]
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_a_file(tmp_path):
+    (tmp_path / "notes [draft].txt").write_text("a document in a file with brackets in its name")
+    assert [t for _, t in iter_source(str(tmp_path / "notes [draft].txt"))] == [
+        "a document in a file with brackets in its name"]
 
 
 def test_hf_dataset_source_streams_a_local_dataset(tmp_path):
@@ -136,6 +174,12 @@ def test_hf_source_reads_a_dataset_saved_with_save_to_disk(tmp_path):
     assert [t for _, t in iter_source(f"hf:{tmp_path / 'dict'}", hf_split="test")] == ["held out"]
     with pytest.raises(DataError, match="has no split 'validation' \\(it has train, test\\)"):
         list(iter_source(f"hf:{tmp_path / 'dict'}", hf_split="validation"))
+    with pytest.raises(DataError, match="saved with save_to_disk, which has no configs"):
+        list(iter_source(f"hf:{tmp_path / 'one'}:en"))
+    datasets.Dataset.from_dict(rows, split="test").save_to_disk(str(tmp_path / "test_only"))
+    with pytest.raises(DataError, match="holds the test split alone, not 'train'; set hf_split: test"):
+        list(iter_source(f"hf:{tmp_path / 'test_only'}"))
+    assert len(list(iter_source(f"hf:{tmp_path / 'test_only'}", hf_split="test"))) == 20
 
 
 def test_a_changed_local_hf_dataset_is_prepared_again(tmp_path):
@@ -165,6 +209,40 @@ def test_embedded_sources():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shards, cache and loader
+
+
+def test_special_token_text_inside_documents_is_encoded_as_text(tmp_path, prepared):
+    """A document quoting "<|endoftext|>" must not put an eos (or pad, or role) id into the stream."""
+    from transformers import AutoTokenizer
+
+    _, data_dir = prepared
+    quoting = [f"{t} It ends with <|endoftext|> and <|pad|>, then <|user|> speaks." for t in PARAGRAPHS[:100]]
+    cfg = small_cfg(tmp_path, [str(write_jsonl(tmp_path / "q.jsonl", [{"text": t} for t in quoting]))],
+                    tokenizer=str(data_dir / "tokenizer"))
+    out = prepare_data(cfg, log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tokens = np.concatenate([np.concatenate(TokenShards(out, split).arrays) for split in ("train", "val")])
+    assert (tokens == tok.eos_token_id).sum() == len(quoting)  # one per document, at its end
+    assert not np.isin(tokens, [tok.pad_token_id, tok.convert_tokens_to_ids("<|user|>")]).any()
+
+
+def test_shard_dtype_follows_the_largest_token_id(tmp_path):
+    """A tokenizer with gaps in its ids (len 1002, ids up to 69999) needs uint32 shards and a 70000-row model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": 69000 + i for i in range(1000)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path / "tok")
+    docs = [" ".join(f"w{(i * 7 + j) % 1000}" for j in range(40)) for i in range(200)]
+    cfg = small_cfg(tmp_path, [str(write_jsonl(tmp_path / "w.jsonl", [{"text": d} for d in docs]))],
+                    tokenizer=str(tmp_path / "tok"))
+    out = prepare_data(cfg, log=lambda *a: None)
+    meta = read_meta(out)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70000
+    assert np.concatenate(TokenShards(out, "train").arrays).max() >= 69000
 
 
 def test_shards_hold_every_document_then_eos(prepared):
@@ -339,6 +417,17 @@ def test_shard_tokenizer_mismatch_and_truncation(tmp_path, prepared):
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match=r"missing or truncated.*prepare-data"):
         TokenShards(copy, "train")
+
+
+def test_data_dir_that_is_a_file_or_has_a_damaged_meta_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:50]])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="data_dir .*afile is a file"):
+        prepare_data(small_cfg(tmp_path, [str(path)], data_dir=str(tmp_path / "afile")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text('{"cache_key": ')
+    with pytest.raises(DataError, match="meta.json is damaged"):
+        prepare_data(small_cfg(tmp_path, [str(path)], data_dir=str(tmp_path / "bad")))
 
 
 def test_existing_foreign_data_dir(tmp_path):

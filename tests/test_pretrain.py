@@ -234,6 +234,25 @@ def test_resume_refuses_another_model_or_tokenizer_and_writes_nothing(setup, ref
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_on_changed_data_says_so(setup, tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """With a given tokenizer an edited corpus gives new shards of the same vocabulary: allowed, but said."""
+    tmp, recipe = setup
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "home"))
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog {i} times."})
+                            + "\n" for i in range(600)))
+    args = ["--sources", str(docs), "--tokenizer", str(tmp_path / "tok"), "--data_dir", "", "--val_fraction", "0.2",
+            "--save_steps", "2", "--eval_steps", "2"]
+    assert run(recipe, tmp_path / "run", *args, "--max_steps", "2") == 0
+    docs.write_text(docs.read_text().replace("lazy dog", "sleepy cat"))
+    capsys.readouterr()
+    assert run(recipe, tmp_path / "run", *args, "--max_steps", "4", "--resume") == 0
+    out = capsys.readouterr().out
+    assert "warning: the data changed since this run started" in out and "from step 2 on" in out
+    assert "data " in (tmp_path / "run" / "recipe.yaml").read_text().split("changed settings: ")[1].splitlines()[0]
+
+
 def test_resume_past_a_torn_log_line_and_a_damaged_checkpoint(setup, reference, capsys):
     import shutil
 

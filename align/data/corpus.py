@@ -10,6 +10,7 @@ import os
 import re
 import sysconfig
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,10 +49,10 @@ def local_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
+    elif path.is_file():  # before the glob test: `notes [draft].txt` names a file
+        files = [path]
     elif glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
-    elif path.is_file():
-        files = [path]
     else:
         raise DataError(
             f"data source {spec!r} not found (working directory {os.getcwd()}). A source is a file, directory or "
@@ -129,10 +130,21 @@ def _stdlib() -> Iterator[tuple[str, str]]:
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
 
 
-def _open_text(path: Path, encoding_errors: str) -> str:
-    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if not path.name.endswith(".gz"):
+        return data
     try:
-        return data.decode("utf-8", errors=encoding_errors)
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a bad checksum
+        raise DataError(f"{path}: not a readable gzip file ({e}); re-create it, or drop the .gz suffix if the file "
+                        "is not compressed") from None
+
+
+def _open_text(path: Path, encoding_errors: str) -> str:
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8", errors=encoding_errors).removeprefix("\ufeff")  # a UTF-8 byte-order mark
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
@@ -148,7 +160,8 @@ def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[t
         return
     text = _open_text(path, encoding_errors)
     if name.endswith(".jsonl"):
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # Only "\n" ends a JSON line: str.splitlines() would also cut at U+2028, U+0085, ... inside strings.
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 yield f"{path}:{lineno}", _text_of(_json(line, path, lineno), text_field, f"{path}:{lineno}")
     elif name.endswith(".json"):
@@ -183,13 +196,17 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     import pyarrow.parquet as pq
 
     try:  # parquet needs random access, so a .gz one is decompressed into memory
-        pf = pq.ParquetFile(pa.BufferReader(gzip.decompress(path.read_bytes())) if path.name.endswith(".gz") else path)
+        pf = pq.ParquetFile(pa.BufferReader(_read_bytes(path)) if path.name.endswith(".gz") else path)
     except (pa.ArrowException, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from e
     if text_field not in pf.schema_arrow.names:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set `text_field` to the text column"
         )
+    column_type = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise DataError(f"{path}: column {text_field!r} holds {column_type}, not strings; set `text_field` to the "
+                        "text column")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
         for value in batch.column(0).to_pylist():
@@ -210,10 +227,15 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
             stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # the hub, the network and the loading script all fail in their own ways
         raise DataError(f"could not load dataset {name!r} (config {config or None}, split {split!r}): {e}") from e
+    if isinstance(stream, (datasets.Dataset, datasets.DatasetDict)) and config:
+        raise DataError(f"{spec}: {name} is a dataset saved with save_to_disk, which has no configs; drop ':{config}'")
     if isinstance(stream, datasets.DatasetDict):
         if split not in stream:
             raise DataError(f"dataset {name} has no split {split!r} (it has {', '.join(stream)}); set hf_split")
         stream = stream[split]
+    elif isinstance(stream, datasets.Dataset) and stream.split is not None and str(stream.split) != split:
+        raise DataError(f"dataset {name} holds the {stream.split!s} split alone, not {split!r}; set hf_split: "
+                        f"{stream.split!s} to read it")
     for i, row in enumerate(stream):
         yield f"{spec}[{i}]", _text_of(row, text_field, f"{spec}[{i}]")
 
@@ -238,15 +260,16 @@ def _file_key(path: Path) -> list:
 # ------------------------------------------------------------------------------------------------------------------
 # Cleaning, dedup and the split
 
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))  # and the soft hyphen
+_LINE_BREAKS = re.compile("\r\n|[\r\x85\u2028\u2029]")  # every other newline convention becomes "\n"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+$", re.MULTILINE)
 _BLANKS = re.compile(r"\n{3,}")
 
 
 def normalize(text: str) -> str:
     """NFC, one newline convention, no zero-width or control characters, no trailing spaces, <= 2 newlines."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BREAKS.sub("\n", unicodedata.normalize("NFC", text))
     text = _CONTROL.sub("", text.translate(_ZERO_WIDTH)).replace("\u00a0", " ")
     text = _SPACES.sub("", text)
     return _BLANKS.sub("\n\n", text).strip()

@@ -30,11 +30,13 @@ from align.data.shards import (
     ShardWriter,
     default_num_proc,
     encode_documents,
+    read_meta,
     token_dtype,
 )
-from align.runs import read_json, write_json
+from align.runs import write_json
 
-FORMAT_VERSION = 2  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`)
+FORMAT_VERSION = 3  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`);
+# 3: special-token strings inside documents are encoded as text; C1 controls, U+2028/9 and soft hyphens cleaned
 VAL_DOCUMENTS = "val.jsonl"
 # Fields that do not change what is built, so they are left out of the cache key.
 NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
@@ -116,6 +118,8 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
     """The data directory when it is already prepared for exactly this config, else None (error on a conflict)."""
     key, spec = cache_key(cfg)
     data_dir = resolve_data_dir(cfg, key)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data_dir {data_dir} is a file; give a directory (or leave data_dir unset)")
     meta_path = data_dir / META_FILE
     if not meta_path.is_file():
         if data_dir.is_dir() and any(data_dir.iterdir()):
@@ -124,7 +128,7 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
                 "data_dir (or delete this one if it is an old, unfinished preparation)"
             )
         return None
-    meta = read_json(meta_path)
+    meta = read_meta(data_dir)
     if meta.get("cache_key") != key:
         old = meta.get("spec", {})
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
@@ -207,7 +211,7 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
     """Build (or find in the cache) the tokenizer and token shards for `cfg`; returns the data directory."""
     from tqdm.auto import tqdm
 
-    from align.tokenizer import tokenizer_hash
+    from align.tokenizer import id_limit, tokenizer_hash
 
     check_sources(cfg.sources)
     cached = cached_data_dir(cfg)
@@ -223,7 +227,8 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
     try:
         tokenizer = build_tokenizer(cfg, log)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        dtype = token_dtype(len(tokenizer))
+        vocab_size = id_limit(tokenizer)  # the largest id + 1 decides the dtype: ids must not wrap around
+        dtype = token_dtype(vocab_size)
         writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
         cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
         routes = []  # the split of each document, in the order encode_documents returns them
@@ -260,7 +265,7 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
             "cache_key": key,
             "spec": spec,
             "tokenizer_hash": tokenizer_hash(tokenizer),
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
             "eos_token_id": tokenizer.eos_token_id,
             "dtype": dtype.__name__,
             "splits": splits,

@@ -70,6 +70,9 @@ def _init_worker(tokenizer_file: str) -> None:
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_file(tokenizer_file)
+    # A document that contains the text "<|endoftext|>" (web pages and code quoting tokenizers do) must not put an
+    # eos, pad or role id into the stream: special tokens in documents are encoded as the text they are.
+    _worker_tokenizer.encode_special_tokens = True
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -116,7 +119,13 @@ def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise DataError(f"{path} not found: {data_dir} holds no prepared shards; run `align prepare-data --config ...`")
-    return read_json(path)
+    try:
+        meta = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path} is damaged ({e}): delete {data_dir} and prepare the data again") from None
+    if not isinstance(meta, dict) or "splits" not in meta:
+        raise DataError(f"{path} does not describe prepared shards: delete {data_dir} and prepare the data again")
+    return meta
 
 
 class TokenShards:

@@ -23,6 +23,7 @@ from transformers import (
 
 from align.model.config import GPTConfig
 from align.model.gpt import GPT
+from align.tokenizer import id_limit
 
 CONFIG_FILE = "gpt_config.json"  # our own checkpoint: GPTConfig + model.safetensors
 WEIGHTS_FILE = "model.safetensors"
@@ -364,9 +365,10 @@ def export(
                               "(`align export --overwrite` moves it aside first)")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer needs a pad token distinct from eos (PPO masks padding by pad_token_id)")
-    if len(tokenizer) > model.config.vocab_size:
+    if id_limit(tokenizer) > model.config.vocab_size:
         raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}"
+            f"tokenizer has token ids up to {id_limit(tokenizer) - 1} but the model's vocab_size is "
+            f"{model.config.vocab_size}"
         )
     hf_model = to_hf(model)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
