@@ -103,7 +103,9 @@ def measure_matmul_flops(device, dtype=torch.float32, n: int | None = None, seco
 
     The best of several short bursts, so that other processes busy on a shared machine bias it less."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: drawing from the global one would shift a resumed run's dropout masks.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
@@ -142,6 +144,17 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError(f"learning_rate must be > 0 and min_lr_ratio in [0, 1], got {cfg.learning_rate}, "
                           f"{cfg.min_lr_ratio}")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        raise ConfigError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    if cfg.weight_decay < 0 or (cfg.peak_flops or 0) < 0:
+        raise ConfigError(f"weight_decay and peak_flops must not be negative, got {cfg.weight_decay}, "
+                          f"{cfg.peak_flops}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.overwrite and (Path(cfg.output_dir).resolve() == Path.cwd() or
+                          Path(cfg.output_dir).resolve() in Path.cwd().parents):
+        raise ConfigError(f"--overwrite would move aside output_dir {cfg.output_dir}, the current directory (or one "
+                          "holding it); give another output_dir")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.resume and cfg.overwrite:
@@ -178,7 +191,10 @@ def model_config(cfg: PretrainConfig) -> GPTConfig:
     if cfg.model in PRESETS:
         return preset(cfg.model)
     if Path(cfg.model).is_file():
-        return GPTConfig.load(cfg.model)
+        try:
+            return GPTConfig.load(cfg.model)
+        except ValueError as e:  # unreadable JSON, or fields that do not make a model
+            raise ConfigError(str(e)) from e  # the message names the file
     raise ConfigError(f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a gpt_config.json file")
 
 
@@ -206,15 +222,20 @@ def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings only; the fused kernel where the device has one."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
     try:
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type in ("cuda", "cpu"))
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    return set_optimizer_settings(optimizer, cfg)
+
+
+def set_optimizer_settings(optimizer: torch.optim.AdamW, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """The recipe's betas and weight decay (none on gains and biases, the second group). Applied again after a
+    resume, which loads the checkpoint's own into the optimizer; the learning rate is set at every step."""
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay if i == 0 else 0.0)
+    return optimizer
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -258,8 +279,10 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
         if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
             os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoint_dirs(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no step-N behind
+            os.replace(old, root / f".deleting-{old.name}")
+        for leftover in root.glob(".deleting-*"):  # also what an earlier, killed run left
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -387,6 +410,11 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if ckpts:
             check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
             load_latest_checkpoint(accelerator, ckpts)
+            # Accelerate restores its micro-step count, which decides when `accumulate` steps the optimizer; with
+            # another accumulation count now (micro_batch_size, batch_size or processes changed) it would step
+            # mid-batch. Each optimizer step is grad_accum micro-steps of this run.
+            accelerator.step = train_state.step * grad_accum
+            set_optimizer_settings(optimizer, cfg)
             log(f"[pretrain] resumed from {ckpts[-1]} (step {train_state.step})")
             if train_state.step > cfg.max_steps:
                 raise ConfigError(

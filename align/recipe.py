@@ -44,6 +44,7 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str = "al
 
 
 def _parse(parser: RecipeParser, argv: list[str]):
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     flags, config_path, data = argv, None, {}
     if "--config" in argv:
         i = argv.index("--config")

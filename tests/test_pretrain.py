@@ -152,6 +152,39 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(setup, reference):
         assert metrics[0][key] == metrics[1][key], key  # the summary covers the whole run, not the resumed part
 
 
+def test_resume_with_another_accumulation_and_optimizer_settings(setup, reference):
+    """Resumed from step 4 with 8 micro-steps of 1 row instead of one of 8: the same global batch, so the same
+    losses (to float rounding). Accelerate's restored micro-step count used to make it step the optimizer mid-batch.
+    Changed optimizer settings apply (the checkpoint's own used to win), and a pruning a kill left half done is
+    finished."""
+    import shutil
+
+    tmp, recipe = setup
+    out = tmp / "reaccumulated"
+    shutil.copytree(reference, out)
+    for name in ("step-000008", "step-000012"):
+        shutil.rmtree(out / "checkpoints" / name)
+    (out / "checkpoints" / ".deleting-step-000000").mkdir()  # a kill mid-delete
+    assert run(recipe, out, "--resume", "--micro_batch_size", "1") == 0
+    resumed, uninterrupted = log_of(out), log_of(reference)
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, uninterrupted)) < 1e-4
+    assert not (out / "checkpoints" / ".deleting-step-000000").exists()
+
+    assert run(recipe, out, "--resume", "--max_steps", "13", "--weight_decay", "0.5", "--adam_beta2", "0.9") == 0
+    groups = torch.load(out / "checkpoints" / "step-000013" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.5, (0.9, 0.9)), (0.0, (0.9, 0.9))]
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone():
+    """It runs after a resume restored the RNG: drawing from it would shift every later dropout mask."""
+    from align.pretrain import measure_matmul_flops
+
+    state = torch.get_rng_state()
+    measure_matmul_flops(torch.device("cpu"), n=64, seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     tmp, recipe = setup
     out = tmp / "terminated"
@@ -386,6 +419,21 @@ def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message)
     assert exit_info.value.code == 2
     assert f"recipe {bad}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adam_beta1", "1.5"], "adam_beta1 and adam_beta2 must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+    (["--weight_decay", "-1"], "weight_decay and peak_flops must not be negative"),
+    (["--output_dir", ".", "--overwrite"], "the current directory"),
+])
+def test_values_that_cannot_work_are_refused(setup, tmp_path, monkeypatch, capsys, flags, message):
+    _, recipe = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main([f"--config={recipe}", "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
 def test_bf16_autocast_trains_like_fp32(setup, reference):

@@ -132,6 +132,10 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
     if meta.get("cache_key") != key:
         old = meta.get("spec", {})
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        if changed == ["format"]:
+            raise DataError(f"data_dir {data_dir} was prepared by another version of align (data format "
+                            f"{old.get('format')}, now {FORMAT_VERSION}); delete it to prepare it again, or choose "
+                            "another data_dir")
         raise DataError(
             f"data_dir {data_dir} was prepared from a different data config (differs in: {', '.join(changed)}); "
             "leave data_dir unset to get a directory per config, choose another data_dir, or delete this one"
