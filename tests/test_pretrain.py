@@ -451,3 +451,41 @@ def test_bf16_autocast_trains_like_fp32(setup, reference):
     assert bf16[-1] < bf16[0] - 0.5
     assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.02  # measured: 7e-4
     assert abs(log_of(out)[-1]["val_loss"] - log_of(reference)[-1]["val_loss"]) < 0.02
+
+
+def test_slurm_script_passes_sigterm_to_the_run_and_requeues(tmp_path):
+    """scripts/slurm_pretrain.sbatch with stand-ins for srun and scontrol: Slurm's --signal=B:TERM reaches only the
+    batch shell, which must pass it on to the training step and requeue the job once the step has saved and exited."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"""#!/bin/bash
+trap 'echo saved > {tmp_path}/step; exit 143' TERM
+echo "$*" > {tmp_path}/srun_args
+for i in $(seq 300); do sleep 0.1; done
+echo "ran to the end" > {tmp_path}/step
+""")
+    (bin_dir / "scontrol").write_text(f"""#!/bin/bash
+echo "$*" >> {tmp_path}/scontrol
+[ "$1" = show ] && echo node001
+exit 0
+""")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "42"}
+    job = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_pretrain.sbatch"), "recipes/llama-1b/pretrain.yaml",
+                            "--max_steps", "10"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    import time
+
+    for _ in range(100):  # until srun has started
+        if (tmp_path / "srun_args").is_file():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # the batch shell has recorded srun's pid
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, out
+    assert (tmp_path / "step").read_text() == "saved\n"
+    assert "requeue 42" in (tmp_path / "scontrol").read_text()
+    args = (tmp_path / "srun_args").read_text()
+    assert "--num_processes 16" in args and "--config recipes/llama-1b/pretrain.yaml --resume --max_steps 10" in args
