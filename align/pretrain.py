@@ -164,6 +164,14 @@ def check_config(cfg: PretrainConfig) -> None:
     trackers = sorted({"none", *(t.value for t in LoggerType)})
     if cfg.report_to not in trackers:
         raise ConfigError(f"report_to must be one of {', '.join(trackers)}, got {cfg.report_to!r}")
+    import importlib.util
+
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+               "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+    needed = modules.get(cfg.report_to, ())
+    if needed and not any(importlib.util.find_spec(m) for m in needed):
+        raise ConfigError(f"report_to {cfg.report_to}: the {needed[0]} package is not installed (pip install "
+                          f"{needed[0]}), and Accelerate would log nothing")
 
 
 def find_tokenizer_dir(path: Path) -> Path | None:
@@ -444,7 +452,9 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         save_recipe(output_dir, cfg, data_cfg, notes=notes, skip=("resume", "overwrite"))
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     if cfg.report_to != "none":
-        accelerator.init_trackers("pretrain")
+        # After a resume, TensorBoard drops what the interrupted run logged past the checkpoint instead of
+        # showing those steps twice.
+        accelerator.init_trackers("pretrain", init_kwargs={"tensorboard": {"purge_step": train_state.step + 1}})
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = cfg.peak_flops or peak_flops(accelerator.device, dtype)

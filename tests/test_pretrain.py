@@ -318,6 +318,11 @@ def test_unknown_tracker_is_refused(setup, capsys):
     tmp, recipe = setup
     assert run(recipe, tmp / "tracker", "--report_to", "wandbx") == 2
     assert "report_to must be one of" in capsys.readouterr().err and not (tmp / "tracker").exists()
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:  # a known tracker whose package is missing: it would log nothing
+        assert run(recipe, tmp / "tracker", "--report_to", "mlflow") == 2
+        assert "the mlflow package is not installed" in capsys.readouterr().err and not (tmp / "tracker").exists()
 
 
 def test_the_saved_recipe_repeats_the_run(setup, reference):
