@@ -90,7 +90,7 @@ def _hf_state_dict_of_grads(model, grads):
 def test_greedy_generation_matches_transformers(case):
     model = randomized(CASES[case], seed=1)
     hf = to_hf(model)
-    prompt = torch.randint(0, 512, (1, 9))
+    prompt = torch.randint(2, 512, (1, 9))  # never the pad id: HF's generate masks pad tokens in a prompt out
     ours = model.generate(prompt, max_new_tokens=40, temperature=0)
     theirs = hf.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=1, eos_token_id=None)
     assert torch.equal(ours, theirs)
@@ -105,7 +105,7 @@ def test_batched_greedy_generation_with_eos_and_pad_matches_transformers(case):
             p.mul_(10.0) if p.dim() > 1 else None
     hf = to_hf(model)
     torch.manual_seed(3)
-    prompt = torch.randint(0, 512, (2, 6))
+    prompt = torch.randint(2, 512, (2, 6))  # never the pad id (1)
     free = model.generate(prompt, 12, temperature=0)[:, 6:]
     # eos: the first token that row 0 emits at some step j >= 1 and neither row emitted before, so row 0 stops first
     j = next(j for j in range(1, 8) if free[0, j].item() not in free[0, :j].tolist() + free[1, : j + 1].tolist())
