@@ -18,7 +18,7 @@ import torch
 
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
-from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards
+from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, shards_digest
 from align.hardware import bf16_supported, device_type
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
@@ -167,7 +167,8 @@ def check_config(cfg: PretrainConfig) -> None:
     import importlib.util
 
     modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-               "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+               "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+               "trackio": ("trackio",), "swanlab": ("swanlab",)}
     needed = modules.get(cfg.report_to, ())
     if needed and not any(importlib.util.find_spec(m) for m in needed):
         raise ConfigError(f"report_to {cfg.report_to}: the {needed[0]} package is not installed (pip install "
@@ -417,7 +418,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
                 log(f"[pretrain] warning: passing over {skipped}: no {CONFIG_FILE} + {WEIGHTS_FILE} (incomplete)")
         if ckpts:
             check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
-            load_latest_checkpoint(accelerator, ckpts)
+            load_latest_checkpoint(accelerator, ckpts, log)
             # Accelerate restores its micro-step count, which decides when `accumulate` steps the optimizer; with
             # another accumulation count now (micro_batch_size, batch_size or processes changed) it would step
             # mid-batch. Each optimizer step is grad_accum micro-steps of this run.
@@ -437,15 +438,15 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if main:
             truncate_log(log_path, train_state.step)
     if main:
-        notes = {"data prepared in": data_dir}
+        notes = {"data prepared in": data_dir, "data digest": shards_digest(data_dir)}
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
             changed = _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
-            trained_on = _noted(output_dir / RECIPE_FILE, "data prepared in")
-            if trained_on and trained_on != str(data_dir) and train_state.step > 0:
-                log(f"[pretrain] warning: the data changed since this run started (it trained on {trained_on}, the "
-                    f"sources now give {data_dir}): from step {train_state.step} on it trains on the new shards, "
-                    f"not the batches it would have seen (restore the sources to resume on the old data)")
-                changed.append(f"data {trained_on} -> {data_dir}")
+            trained_on = _noted(output_dir / RECIPE_FILE, "data digest")  # None for a run from before digests
+            if trained_on and trained_on != notes["data digest"] and train_state.step > 0:
+                log(f"[pretrain] warning: the data changed since this run started (tokens {trained_on}, now "
+                    f"{notes['data digest']} in {data_dir}): from step {train_state.step} on it trains on the new "
+                    "shards, not the batches it would have seen (restore the sources to resume on the old data)")
+                changed.append(f"data digest {trained_on} -> {notes['data digest']}")
             if changed:  # the file then describes the run from this step on, and says so
                 notes[f"resumed at step {train_state.step} with changed settings"] = ", ".join(changed)
         # resume/overwrite say how this invocation treats the directory, not what the run is
@@ -619,12 +620,19 @@ def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> 
         )
 
 
-def load_latest_checkpoint(accelerator, ckpts: list[Path]) -> None:
+def load_latest_checkpoint(accelerator, ckpts: list[Path], log) -> None:
     previous = (f"move it aside to resume from {ckpts[-2].name}" if len(ckpts) > 1
                 else "no earlier checkpoint is kept: start again with --overwrite")
-    rng_file = ckpts[-1] / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():  # Accelerate would go on without it, and the run would not repeat itself
-        raise ConfigError(f"--resume: {ckpts[-1]} has no {rng_file.name}; {previous}")
+    # One RNG state per process that saved it. The same check on every rank (all read the same directory), so
+    # that no rank fails alone and leaves the others waiting in a collective.
+    saved = sorted(int(m.group(1)) for f in ckpts[-1].iterdir() if (m := re.fullmatch(r"random_states_(\d+)\.pkl", f.name)))
+    if saved != list(range(len(saved))) or not saved:  # Accelerate would go on without them, silently
+        raise ConfigError(f"--resume: {ckpts[-1]} lacks random states (it has {[f'random_states_{r}.pkl' for r in saved]}"
+                          f"); {previous}")
+    if len(saved) != accelerator.num_processes:
+        log(f"[pretrain] note: {ckpts[-1].name} was saved by {len(saved)} process(es), this run has "
+            f"{accelerator.num_processes}: the batches are the same, but each process's random stream (dropout) "
+            "does not continue as it would have, so a model with dropout will not repeat the run bit for bit")
     try:
         accelerator.load_state(str(ckpts[-1]))
     except Exception as e:  # torch, safetensors and accelerate each fail in their own way on a damaged file

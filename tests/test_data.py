@@ -122,8 +122,11 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
-    with pytest.raises(DataError, match="ints.parquet: column 'text' holds int64, not strings"):
+    with pytest.raises(DataError, match=r"ints.parquet\[row 0\]: column 'text' holds int, not text"):
         list(iter_source(str(tmp_path / "ints.parquet")))
+    # a categorical (dictionary-encoded) text column is text
+    pq.write_table(pa.table({"text": pa.array(["a row", "b row", "a row"]).dictionary_encode()}), tmp_path / "c.parquet")
+    assert [t for _, t in iter_source(str(tmp_path / "c.parquet"))] == ["a row", "b row", "a row"]
 
 
 def test_damaged_gzip_is_a_clear_error(tmp_path):
@@ -138,9 +141,10 @@ def test_jsonl_lines_end_only_at_newline_and_a_bom_is_skipped(tmp_path):
     """U+2028/U+0085 inside a JSON string are legal (json.dumps(ensure_ascii=False) writes them raw)."""
     rows = [{"text": "one"}, {"text": "two\u2028still two\x85and two"}, {"text": "three"}]
     path = tmp_path / "rows.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
-    assert [(origin.rsplit(":", 1)[1], text) for origin, text in iter_source(str(path))] == [
-        ("1", "one"), ("2", "two\u2028still two\x85and two"), ("3", "three")]
+    for newline in ("\r\n", "\r", "\n"):  # Windows, old Mac, Unix
+        path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + newline for r in rows).encode())
+        assert [(origin.rsplit(":", 1)[1], text) for origin, text in iter_source(str(path))] == [
+            ("1", "one"), ("2", "two\u2028still two\x85and two"), ("3", "three")]
     (tmp_path / "rows.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[:1]).encode())
     assert [text for _, text in iter_source(str(tmp_path / "rows.json"))] == ["one"]
 
@@ -176,10 +180,9 @@ def test_hf_source_reads_a_dataset_saved_with_save_to_disk(tmp_path):
         list(iter_source(f"hf:{tmp_path / 'dict'}", hf_split="validation"))
     with pytest.raises(DataError, match="saved with save_to_disk, which has no configs"):
         list(iter_source(f"hf:{tmp_path / 'one'}:en"))
-    datasets.Dataset.from_dict(rows, split="test").save_to_disk(str(tmp_path / "test_only"))
-    with pytest.raises(DataError, match="holds the test split alone, not 'train'; set hf_split: test"):
-        list(iter_source(f"hf:{tmp_path / 'test_only'}"))
-    assert len(list(iter_source(f"hf:{tmp_path / 'test_only'}", hf_split="test"))) == 20
+    # a single saved Dataset is one split, read whole (train_test_split()["test"] records its split as "train")
+    datasets.Dataset.from_dict(rows).train_test_split(test_size=5, seed=0)["test"].save_to_disk(str(tmp_path / "t"))
+    assert len(list(iter_source(f"hf:{tmp_path / 't'}", hf_split="test"))) == 5
 
 
 def test_a_changed_local_hf_dataset_is_prepared_again(tmp_path):

@@ -134,6 +134,9 @@ def test_rope_tables_stay_exact_through_a_bf16_round_trip():
     with torch.no_grad():
         assert torch.equal(model(idx)[0], reference)
         assert (model(idx)[0] - to_hf(model)(idx).logits).abs().max().item() <= 1e-4
+    with torch.inference_mode():  # an eval helper's .to(): the tables must stay ordinary tensors
+        model.to("cpu")
+    model(idx, idx)[1].backward()
 
 
 def test_a_compiled_model_exports_and_saves_like_the_model(tmp_path):

@@ -287,12 +287,17 @@ def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
 
 
 def test_eos_as_a_tensor_and_a_tiny_temperature_behave():
+    import numpy as np
+
     model = GPT(tiny_config())
     idx = torch.randint(0, 512, (2, 4))
     greedy = model.generate(idx, 6, temperature=0)
     eos = int(greedy[0, 5])
-    assert torch.equal(model.generate(idx, 6, temperature=0, eos_token_id=torch.tensor(eos)),
-                       model.generate(idx, 6, temperature=0, eos_token_id=eos))
+    for same in (torch.tensor(eos), np.int64(eos), [eos]):
+        assert torch.equal(model.generate(idx, 6, temperature=0, eos_token_id=same),
+                           model.generate(idx, 6, temperature=0, eos_token_id=eos))
+    sampled = model.generate(idx, 6, top_k=5.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, model.generate(idx, 6, top_k=5, generator=torch.Generator().manual_seed(0)))
     # Dividing raw logits by 1e-45 overflows to inf (and inf - inf = NaN in the softmax); it must act as greedy.
     assert torch.equal(model.generate(idx, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0)), greedy)
 

@@ -49,6 +49,13 @@ save_total_limit: 5
     return tmp, recipe
 
 
+def free_port() -> int:
+    """A free port for a launch: other jobs on the machine may hold the default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(recipe, out, *extra):
     return main(["--config", str(recipe), "--output_dir", str(out), *extra])
 
@@ -221,12 +228,9 @@ def test_two_processes_match_one_at_the_same_global_batch(setup):
     # 1 process accumulating 2 micro-batches of 4 == 2 processes with 4 each: the same 8 windows per step
     assert run(recipe, one, "--micro_batch_size", "4", "--max_steps", "8") == 0
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    with socket.socket() as s:  # a free port: other jobs on the machine may hold the default 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(port),
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
          str(ROOT / "scripts" / "pretrain.py"),
          "--config", str(recipe), "--output_dir", str(two), "--max_steps", "8"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
@@ -242,6 +246,24 @@ def test_two_processes_match_one_at_the_same_global_batch(setup):
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], abs=2e-4)
     assert json.loads((two / "metrics.json").read_text())["processes"] == 2
     assert (two / "hf" / "model.safetensors").is_file()
+
+    # the 1-process run resumed from step 4 by 2 processes: the same batches, so the same losses
+    import shutil
+
+    resumed = tmp / "one_then_two"
+    shutil.copytree(one, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000008")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+         str(ROOT / "scripts" / "pretrain.py"), "--config", str(recipe), "--output_dir", str(resumed),
+         "--max_steps", "8", "--micro_batch_size", "4", "--resume"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "was saved by 1 process(es), this run has 2" in proc.stdout
+    for ra, rb in zip(a, log_of(resumed)):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=2e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +305,12 @@ def test_resume_on_changed_data_says_so(setup, tiny_tokenizer, tmp_path, monkeyp
     assert run(recipe, tmp_path / "run", *args, "--max_steps", "4", "--resume") == 0
     out = capsys.readouterr().out
     assert "warning: the data changed since this run started" in out and "from step 2 on" in out
-    assert "data " in (tmp_path / "run" / "recipe.yaml").read_text().split("changed settings: ")[1].splitlines()[0]
+    assert "data digest " in (tmp_path / "run" / "recipe.yaml").read_text().split("changed settings: ")[1].splitlines()[0]
+    # the same data prepared in another directory (a moved ALIGN_HOME) is the same data: no warning
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "home2"))
+    assert run(recipe, tmp_path / "run", *args, "--max_steps", "6", "--resume") == 0
+    out = capsys.readouterr().out
+    assert "home2" in out and "data changed" not in out
 
 
 def test_resume_past_a_torn_log_line_and_a_damaged_checkpoint(setup, reference, capsys):
@@ -306,7 +333,7 @@ def test_resume_past_a_torn_log_line_and_a_damaged_checkpoint(setup, reference, 
     (out / "checkpoints" / "step-000013").rename(out / "checkpoints" / "step-000013.bad")
     (out / "checkpoints" / "step-000012" / "random_states_0.pkl").unlink()
     assert run(recipe, out, "--resume", "--max_steps", "14") == 2
-    assert "step-000012 has no random_states_0.pkl" in capsys.readouterr().err
+    assert "step-000012 lacks random states" in capsys.readouterr().err
     (out / "checkpoints" / "step-000008" / "gpt_config.json").write_text("")
     shutil.rmtree(out / "checkpoints" / "step-000012")
     assert run(recipe, out, "--resume", "--max_steps", "14") == 2
@@ -458,13 +485,16 @@ def test_bf16_autocast_trains_like_fp32(setup, reference):
     assert abs(log_of(out)[-1]["val_loss"] - log_of(reference)[-1]["val_loss"]) < 0.02
 
 
-def test_slurm_script_passes_sigterm_to_the_run_and_requeues(tmp_path):
-    """scripts/slurm_pretrain.sbatch with stand-ins for srun and scontrol: Slurm's --signal=B:TERM reaches only the
-    batch shell, which must pass it on to the training step and requeue the job once the step has saved and exited."""
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_slurm_script_stops_the_run_near_the_time_limit_and_requeues(tmp_path, sig, requeued):
+    """scripts/slurm_pretrain.sbatch with stand-ins for srun and scontrol. Slurm's --signal=B:USR1 (time limit
+    near) reaches only the batch shell, which must pass a SIGTERM on to the training step and requeue the job once
+    the step has saved and exited; a plain SIGTERM (scancel) stops the step without a requeue."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f"""#!/bin/bash
 trap 'echo saved > {tmp_path}/step; exit 143' TERM
+echo $$ > {tmp_path}/srun_pid
 echo "$*" > {tmp_path}/srun_args
 for i in $(seq 300); do sleep 0.1; done
 echo "ran to the end" > {tmp_path}/step
@@ -487,10 +517,13 @@ exit 0
             break
         time.sleep(0.1)
     time.sleep(0.5)  # the batch shell has recorded srun's pid
-    job.send_signal(signal.SIGTERM)
+    job.send_signal(sig)
+    if sig == signal.SIGTERM:  # scancel signals every process of the job, the step too
+        os.kill(int((tmp_path / "srun_pid").read_text()), signal.SIGTERM)
     out, _ = job.communicate(timeout=60)
-    assert job.returncode == 0, out
     assert (tmp_path / "step").read_text() == "saved\n"
-    assert "requeue 42" in (tmp_path / "scontrol").read_text()
+    assert ("requeue 42" in (tmp_path / "scontrol").read_text()) == requeued
+    if requeued:
+        assert job.returncode == 0, out
     args = (tmp_path / "srun_args").read_text()
     assert "--num_processes 16" in args and "--config recipes/llama-1b/pretrain.yaml --resume --max_steps 10" in args

@@ -153,6 +153,9 @@ def _open_text(path: Path, encoding_errors: str) -> str:
         ) from None
 
 
+_JSON_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[tuple[str, str]]:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith(".parquet"):
@@ -160,8 +163,9 @@ def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[t
         return
     text = _open_text(path, encoding_errors)
     if name.endswith(".jsonl"):
-        # Only "\n" ends a JSON line: str.splitlines() would also cut at U+2028, U+0085, ... inside strings.
-        for lineno, line in enumerate(text.split("\n"), 1):
+        # A JSON line ends at \n, \r\n or \r (raw control characters cannot occur inside JSON strings); not at
+        # U+2028, U+0085, ..., which str.splitlines() would also cut at although they may stand in strings.
+        for lineno, line in enumerate(_JSON_LINE_END.split(text), 1):
             if line.strip():
                 yield f"{path}:{lineno}", _text_of(_json(line, path, lineno), text_field, f"{path}:{lineno}")
     elif name.endswith(".json"):
@@ -203,13 +207,12 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set `text_field` to the text column"
         )
-    column_type = pf.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{path}: column {text_field!r} holds {column_type}, not strings; set `text_field` to the "
-                        "text column")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
+        for value in batch.column(0).to_pylist():  # string, large_string, string_view, dictionary (categorical)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{path}[row {row}]: column {text_field!r} holds {type(value).__name__}, not text; "
+                                "set `text_field` to the text column")
             if value is not None:
                 yield f"{path}[row {row}]", value
             row += 1
@@ -233,9 +236,8 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
         if split not in stream:
             raise DataError(f"dataset {name} has no split {split!r} (it has {', '.join(stream)}); set hf_split")
         stream = stream[split]
-    elif isinstance(stream, datasets.Dataset) and stream.split is not None and str(stream.split) != split:
-        raise DataError(f"dataset {name} holds the {stream.split!s} split alone, not {split!r}; set hf_split: "
-                        f"{stream.split!s} to read it")
+    # A directory saved from a single Dataset is one split, read whole (what it records as its split is not
+    # reliable: train_test_split()["test"] says "train").
     for i, row in enumerate(stream):
         yield f"{spec}[{i}]", _text_of(row, text_field, f"{spec}[{i}]")
 

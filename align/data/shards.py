@@ -219,5 +219,25 @@ class BatchLoader:
         return x.contiguous().to(device), y.contiguous().to(device)
 
 
+def shards_digest(data_dir: str | Path, samples: int = 16, block: int = 4096) -> str:
+    """A short fingerprint of the tokens a run trains on, whatever directory they sit in: the tokenizer, every
+    shard's token count, and `samples` blocks spread over each shard (an edit shifts the tokens after it, so it
+    shows in the blocks that follow). Cheap on shards of any size."""
+    import hashlib
+
+    meta = read_meta(data_dir)
+    digest = hashlib.sha256(meta["tokenizer_hash"].encode())
+    for split in SPLITS:
+        for shard in meta["splits"][split]["shards"]:
+            path = Path(data_dir) / shard["file"]
+            size = path.stat().st_size
+            digest.update(f"{split}:{shard['tokens']}".encode())
+            with path.open("rb") as f:
+                for i in range(samples):
+                    f.seek(max(0, (size - block) * i // max(1, samples - 1)))
+                    digest.update(f.read(block))
+    return digest.hexdigest()[:16]
+
+
 def default_num_proc() -> int:
     return max(1, min(8, (os.cpu_count() or 1) - 1))

@@ -269,14 +269,14 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .bfloat16(), ... apply to buffers too: the RoPE tables are remade in fp32 on the new
-        # device afterwards, so that a bf16 round trip (m.bfloat16().float()) does not leave them rounded
-        # (transformers recomputes its tables in fp32 on every forward; ours must stay as exact to match it).
+        # .bfloat16(), .half(), .to(dtype) cast buffers too: RoPE tables cast away from fp32 are remade in fp32, so
+        # that a round trip (m.bfloat16().float()) does not leave them rounded (transformers recomputes its tables
+        # in fp32 on every forward; ours must stay as exact to match it). Moves keep the values as they are.
         super()._apply(fn, recurse)
-        if self.config.position == "rope":
-            device = self.rope_cos.device
-            self.rope_cos, self.rope_sin = rope_tables(self.config.head_dim, self.config.block_size,
-                                                       self.config.rope_theta, device=device)
+        if self.config.position == "rope" and self.rope_cos.dtype != torch.float32:
+            with torch.inference_mode(False):  # ordinary tensors even if cast inside inference mode
+                self.rope_cos, self.rope_sin = rope_tables(self.config.head_dim, self.config.block_size,
+                                                           self.config.rope_theta, device=self.rope_cos.device)
         return self
 
     def reset_parameters(self):
@@ -368,7 +368,7 @@ class GPT(nn.Module):
         if isinstance(eos_token_id, torch.Tensor):
             eos_token_id = eos_token_id.flatten().tolist()
         if eos_token_id is not None:
-            eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos_list = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
             if not eos_list or any(isinstance(t, bool) or int(t) != t for t in eos_list):
                 raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
             eos_list = [int(t) for t in eos_list]
@@ -426,7 +426,7 @@ def sample_next_token(
     # Shifted so that the largest logit is 0 before dividing: a tiny temperature then gives -inf, not inf - inf.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(int(top_k), logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
