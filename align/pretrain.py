@@ -243,7 +243,8 @@ def set_optimizer_settings(optimizer: torch.optim.AdamW, cfg: PretrainConfig) ->
     """The recipe's betas and weight decay (none on gains and biases, the second group). Applied again after a
     resume, which loads the checkpoint's own into the optimizer; the learning rate is set at every step."""
     for i, group in enumerate(optimizer.param_groups):
-        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay if i == 0 else 0.0)
+        decay = cfg.weight_decay if i == 0 else 0.0
+        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, weight_decay=decay)
     return optimizer
 
 
@@ -625,10 +626,11 @@ def load_latest_checkpoint(accelerator, ckpts: list[Path], log) -> None:
                 else "no earlier checkpoint is kept: start again with --overwrite")
     # One RNG state per process that saved it. The same check on every rank (all read the same directory), so
     # that no rank fails alone and leaves the others waiting in a collective.
-    saved = sorted(int(m.group(1)) for f in ckpts[-1].iterdir() if (m := re.fullmatch(r"random_states_(\d+)\.pkl", f.name)))
+    names = (re.fullmatch(r"random_states_(\d+)\.pkl", f.name) for f in ckpts[-1].iterdir())
+    saved = sorted(int(m.group(1)) for m in names if m)
     if saved != list(range(len(saved))) or not saved:  # Accelerate would go on without them, silently
-        raise ConfigError(f"--resume: {ckpts[-1]} lacks random states (it has {[f'random_states_{r}.pkl' for r in saved]}"
-                          f"); {previous}")
+        found = ", ".join(f"random_states_{r}.pkl" for r in saved) or "none"
+        raise ConfigError(f"--resume: {ckpts[-1]} lacks random states (found: {found}); {previous}")
     if len(saved) != accelerator.num_processes:
         log(f"[pretrain] note: {ckpts[-1].name} was saved by {len(saved)} process(es), this run has "
             f"{accelerator.num_processes}: the batches are the same, but each process's random stream (dropout) "
