@@ -28,7 +28,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from align.model.hf import export, load_checkpoint
-    from align.runs import prepare_output_dir
+    from align.runs import holds_cwd, prepare_output_dir
 
     parser = argparse.ArgumentParser(prog="align export", description=COMMANDS["export"][1])
     parser.add_argument("checkpoint", help="checkpoint directory (gpt_config.json + model.safetensors)")
@@ -40,7 +40,7 @@ def export_main(argv: list[str] | None = None) -> int:
     checkpoint, out_dir = Path(args.checkpoint).resolve(), Path(args.out).resolve()
     if out_dir == checkpoint or out_dir in checkpoint.parents:
         parser.error(f"--out {args.out} holds the checkpoint {args.checkpoint}; choose a directory outside it")
-    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+    if holds_cwd(out_dir):
         parser.error(f"--out {args.out} is (or holds) the current directory, which the export would replace; give a "
                      "new directory, e.g. --out ./hf")
     if out_dir.exists() and not out_dir.is_dir():

@@ -24,7 +24,7 @@ from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import prepare_output_dir, write_json
+from align.runs import holds_cwd, prepare_output_dir, write_json
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -151,8 +151,7 @@ def check_config(cfg: PretrainConfig) -> None:
                           f"{cfg.peak_flops}")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.overwrite and (Path(cfg.output_dir).resolve() == Path.cwd() or
-                          Path(cfg.output_dir).resolve() in Path.cwd().parents):
+    if cfg.overwrite and holds_cwd(cfg.output_dir):
         raise ConfigError(f"--overwrite would move aside output_dir {cfg.output_dir}, the current directory (or one "
                           "holding it); give another output_dir")
     if cfg.precision not in ("auto", "bf16", "fp32"):

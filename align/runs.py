@@ -29,6 +29,13 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     return path
 
 
+def holds_cwd(path: str | Path) -> bool:
+    """Whether `path` is the current directory or one above it: moving or replacing it would pull the ground from
+    under the user's shell."""
+    path, cwd = Path(path).resolve(), Path.cwd()
+    return path == cwd or path in cwd.parents
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON to a temporary file in the same directory, then rename it into place."""
     path = Path(path)
