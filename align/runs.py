@@ -22,6 +22,9 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                 f"output directory {path} already exists and is not empty; pass --resume to continue it, "
                 "--overwrite to start again (the old directory is kept as a backup), or choose another --output_dir"
             )
+        if holds_cwd(path):
+            raise FileExistsError(f"output directory {path} is (or holds) the current directory, which --overwrite "
+                                  "would move aside under your shell; choose another output directory")
         backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, backup)
         print(f"[align] moved the existing {path} to {backup}")

@@ -167,6 +167,20 @@ def test_out_holding_anything_but_a_previous_report_needs_overwrite(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", "b.json", "r", backup.name])
 
 
+def test_out_that_is_the_current_directory_is_refused(tmp_path, capsys, monkeypatch):
+    # The report replaces its directory by a rename: done to the cwd it would leave the shell in a deleted directory.
+    a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.5, 0.01, 100)})
+    out = tmp_path / "r"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    for flags in ([], ["--overwrite"]):
+        assert report.main([str(a), "--out", ".", "--no_generations", *flags]) == 2
+        assert "is (or holds) the current directory" in capsys.readouterr().err
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "r"]
+    monkeypatch.chdir(tmp_path)
+    assert report.main([str(a), "--out", "r", "--no_generations"]) == 0  # the same directory, named from outside
+
+
 def test_extra_for_an_unknown_name_is_an_error(tmp_path, capsys):
     a = results_file(tmp_path / "sft.json", {"demo_accuracy": (0.5, 0.01, 100)})
     extra = tmp_path / "extra.json"

@@ -453,6 +453,21 @@ def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_output_dir_never_moves_the_current_directory(tmp_path, monkeypatch):
+    from align.runs import prepare_output_dir
+
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "keep.txt").write_text("finished work")
+    (run / "sub" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(run / "sub")
+    for path in (run, run / "sub", Path("..")):
+        with pytest.raises(FileExistsError, match=r"is \(or holds\) the current directory"):
+            prepare_output_dir(path, overwrite=True)
+    assert prepare_output_dir(run, resume=True) == run  # continuing it in place is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--adam_beta1", "1.5"], "adam_beta1 and adam_beta2 must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),

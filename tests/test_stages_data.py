@@ -240,6 +240,17 @@ def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path, 
     assert len(backups) == 1 and (backups[0] / "keep.txt").read_text() == "finished work"
 
 
+def test_overwrite_of_the_current_directory_is_refused(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("finished work")
+    monkeypatch.chdir(out)
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, Path("."), data, "--overwrite", "true"),
+                   r"is \(or holds\) the current directory")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(tmp_path.glob("out.old-*"))
+
+
 def test_non_finite_loss_stops_the_run(tiny_hf_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

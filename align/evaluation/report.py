@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from align.runs import prepare_output_dir, read_json
+from align.runs import holds_cwd, prepare_output_dir, read_json
 
 RESULT_FILES = ("eval/results.json", "results.json", "eval_results.json")
 REPORT_FILES = ("summary.json", "report.md", "index.html")  # what build_report writes to its output directory
@@ -312,6 +312,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output directory holding anything but a previous report, unless overwrite (before any work)."""
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is a file; give a directory for the report")
+    if out.is_dir() and holds_cwd(out):
+        raise CompareError(f"--out {out} is (or holds) the current directory, which writing the report would replace; "
+                           "give a new directory, e.g. --out ./report")
     if out.is_dir() and any(out.iterdir()) and not is_previous_report(out) and not overwrite:
         found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
         raise CompareError(f"--out {out} is not empty and is not a previous report (it holds {found}); choose another "

@@ -17,7 +17,7 @@ from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
 from align.hardware import bf16_supported, device_type, hardware_defaults
 from align.recipe import parse_recipe, save_recipe
-from align.runs import prepare_output_dir, write_json
+from align.runs import holds_cwd, prepare_output_dir, write_json
 
 DEMO = "demo"
 
@@ -134,6 +134,9 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
             f"directory is kept as a backup), {resume_hint}or choose another --output_dir"
         )
+    if out.is_dir() and any(out.iterdir()) and data_args.overwrite and not resume and holds_cwd(out):
+        raise FileExistsError(f"output directory {out} is (or holds) the current directory, which --overwrite would "
+                              "move aside under your shell; choose another --output_dir")
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
