@@ -106,7 +106,9 @@ def id_limit(tokenizer) -> int:
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
-    """A short fingerprint of the vocabulary, merges and special tokens (stored with token shards)."""
+    """A short fingerprint of what token ids mean and how text becomes them (stored with token shards): the
+    vocabulary and merges, the added tokens, the normalizer and pre-tokenizer, and which id ends a document."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    key = json.dumps({"model": state["model"], "added": state["added_tokens"]}, sort_keys=True)
+    key = json.dumps({"model": state["model"], "added": state["added_tokens"], "normalizer": state["normalizer"],
+                      "pre_tokenizer": state["pre_tokenizer"], "eos": tokenizer.eos_token_id}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -4,6 +4,7 @@ import gzip
 import json
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -52,6 +53,15 @@ def test_normalize_removes_c1_controls_and_soft_hyphens_and_unifies_line_breaks(
     assert normalize(raw) == "caf\u00e9 quoted\nnext\nline\npara\nold mac\nwinter"
     # copies that differ only in such characters are one document
     assert normalize("a\u00adb\u2028c") == normalize("ab\nc")
+
+
+def test_normalize_composes_after_removing_what_stands_between_letter_and_mark():
+    # A zero-width or control character between "e" and its combining accent kept NFC from composing them: the
+    # copy then differed from the precomposed original, survived dedup and could land across the split.
+    for between in ("\u200b", "\u00ad", "\x07", "\x85"):
+        cleaned = normalize(f"cafe{between}\u0301 au lait")
+        assert cleaned == normalize("caf\u00e9 au lait") or between == "\x85"  # NEL is a line break, not removed
+        assert unicodedata.is_normalized("NFC", cleaned)
 
 
 def test_quality_filters():
@@ -294,6 +304,27 @@ def test_the_cache_knows_a_given_tokenizer_by_its_file(tmp_path, tiny_tokenizer)
     assert cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / "b")))[0] != key_a
 
 
+def test_the_cache_knows_every_tokenizer_file(tmp_path, tiny_tokenizer):
+    # The same tokenizer.json with another eos or chat template (a base model and its instruct variant): the data
+    # directory keeps a copy of the tokenizer, and its eos separates the documents, so they must not share it.
+    from align.data.prepare import cache_key
+
+    tiny_tokenizer.save_pretrained(tmp_path / "a")
+    other = type(tiny_tokenizer).from_pretrained(tmp_path / "a")
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    other.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    key_a, key_b = (cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / n)))[0] for n in "ab")
+    assert key_a != key_b
+
+
+def test_embedded_corpora_are_keyed_by_their_version():
+    from align.data.corpus import source_fingerprint
+
+    assert source_fingerprint("shakespeare") == ["shakespeare", "0.6"]
+    assert source_fingerprint("stdlib")[1] == ".".join(map(str, sys.version_info[:3]))
+
+
 def test_multiprocess_tokenization_matches(tmp_path, prepared):
     cfg, data_dir = prepared
     cfg2 = DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "mp"), "num_proc": 2,
@@ -355,6 +386,16 @@ def test_non_utf8_bytes(tmp_path):
     assert "caf\ufffd" in rows[0][1]
 
 
+def test_a_lone_surrogate_in_json_is_named_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n')  # valid JSON, not valid text
+    with pytest.raises(DataError, match=r"rows.jsonl:2: field 'text' holds a lone surrogate \\ud800 at character "
+                                        r"12.*encoding_errors: replace"):
+        list(iter_source(str(path)))
+    rows = list(iter_source(str(path), encoding_errors="replace"))
+    assert rows[1][1] == "half a pair \ufffd here"
+
+
 def test_bad_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "fine"}, {"body": "no text field"}])
     with pytest.raises(DataError, match=r"rows.jsonl:2: no field 'text' \(found \['body'\]\).*text_field"):
@@ -390,6 +431,19 @@ def test_too_few_tokens_for_a_window_says_how_many_are_needed(prepared):
     with pytest.raises(DataError, match=rf"val split has {shards.tokens:,} tokens.*at least {2 * block:,} tokens.*raise val_"):
         BatchLoader(shards, block, 4, seed=0)
     BatchLoader(shards, block, 4, seed=0, shuffle=False)  # without the shift it fits
+
+
+def test_shards_too_small_for_a_window_say_so(tmp_path, prepared):
+    cfg, data_dir = prepared
+    small = DataConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "small"), "shard_tokens": 100,
+                          "tokenizer": str(data_dir / "tokenizer")})
+    shards = TokenShards(prepare_data(small, log=lambda *a: None), "train")
+    assert len(shards.arrays) > 10 and shards.tokens > 1000
+    with pytest.raises(DataError, match=r"largest shard only 100, and the loader needs a shard of at least 128 "
+                                        r"for block_size 64; .*larger shard_tokens"):
+        BatchLoader(shards, 64, 4, seed=0)
+    with pytest.warns(UserWarning, match=r"cover only \d+% of its .* tokens, as its shards are small"):
+        BatchLoader(shards, 40, 4, seed=0)
 
 
 @pytest.mark.parametrize("fields, message", [

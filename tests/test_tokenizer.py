@@ -70,6 +70,21 @@ def test_hash_changes_with_the_vocabulary():
         train_tokenizer(["x"], vocab_size=100)
 
 
+def test_hash_changes_with_how_text_becomes_tokens(tiny_tokenizer, tmp_path):
+    from tokenizers import normalizers
+
+    tiny_tokenizer.save_pretrained(tmp_path / "t")
+    base = tokenizer_hash(tiny_tokenizer)
+    lower = AutoTokenizer.from_pretrained(tmp_path / "t")
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert lower("Hello").input_ids != tiny_tokenizer("Hello").input_ids and tokenizer_hash(lower) != base
+    other_eos = AutoTokenizer.from_pretrained(tmp_path / "t", eos_token="<|user|>")
+    assert tokenizer_hash(other_eos) != base
+    templated = AutoTokenizer.from_pretrained(tmp_path / "t")
+    templated.chat_template = "{{ messages }}"  # the template does not change what ids mean
+    assert tokenizer_hash(templated) == base
+
+
 def test_no_text_to_train_on_is_a_clear_error():
     for texts in ([], ["", "  \n\t"]):
         with pytest.raises(ValueError, match="no text to train the tokenizer on"):

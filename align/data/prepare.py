@@ -35,9 +35,12 @@ from align.data.shards import (
 )
 from align.runs import write_json
 
-FORMAT_VERSION = 3  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`);
-# 3: special-token strings inside documents are encoded as text; C1 controls, U+2028/9 and soft hyphens cleaned
+FORMAT_VERSION = 4  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`);
+# 3: special-token strings inside documents are encoded as text; C1 controls, U+2028/9 and soft hyphens cleaned;
+# 4: NFC after removing zero-width and control characters; the tokenizer hash covers normalizer, pre-tokenizer, eos
 VAL_DOCUMENTS = "val.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 # Fields that do not change what is built, so they are left out of the cache key.
 NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
 
@@ -101,8 +104,14 @@ def cache_key(cfg: DataConfig) -> tuple[str, dict]:
     spec["fingerprints"] = [source_fingerprint(s) for s in cfg.sources]
     spec["format"] = FORMAT_VERSION
     if cfg.tokenizer and Path(cfg.tokenizer, "tokenizer.json").is_file():
-        # the file, not where it lives: continuing from several exports of one run reuses one set of shards
-        spec["tokenizer"] = "sha256:" + hashlib.sha256(Path(cfg.tokenizer, "tokenizer.json").read_bytes()).hexdigest()
+        # The files, not where they live: continuing from several exports of one run reuses one set of shards.
+        # All of them: two tokenizers may share tokenizer.json and differ in eos or chat template (a base model
+        # and its instruct variant), which the data directory's copy of the tokenizer would otherwise mix up.
+        files = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if Path(cfg.tokenizer, name).is_file():
+                files.update(name.encode() + b"\0" + Path(cfg.tokenizer, name).read_bytes() + b"\0")
+        spec["tokenizer"] = "sha256:" + files.hexdigest()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return digest, spec
 

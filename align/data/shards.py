@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -175,6 +176,13 @@ class BatchLoader:
             # With shuffling the longest shard needs 2 x block_size tokens: a window of block_size + 1 and the room
             # (< block_size) by which each epoch shifts the window grid.
             need = 2 * block_size if shuffle else block_size + 1
+            if shards.tokens >= need:  # enough tokens, cut into shards too small to hold one window
+                largest = max((len(a) for a in shards.arrays), default=0)
+                raise DataError(
+                    f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, but its largest shard "
+                    f"only {largest:,}, and the loader needs a shard of at least {need:,} for block_size {block_size}; "
+                    f"prepare the data again with a larger shard_tokens (at least {need:,}; the default is 100M)"
+                )
             more = "lower val_fraction" if shards.split == "train" else "raise val_fraction"
             raise DataError(
                 f"{shards.data_dir}: the {shards.split} split has {shards.tokens:,} tokens, too few for block_size "
@@ -183,6 +191,11 @@ class BatchLoader:
                    else "") + f"; add data, {more}, or lower block_size"
             )
         self.ends = np.cumsum([max(u, 0) for u in usable])
+        covered = self.n_windows * block_size / max(shards.tokens, 1)
+        if covered < 0.9 and len(shards.arrays) > 1:  # small shards: each loses up to 2 x block_size tokens
+            warnings.warn(f"{shards.data_dir}: the {shards.split} windows of block_size {block_size} cover only "
+                          f"{covered:.0%} of its {shards.tokens:,} tokens, as its shards are small; prepare the data "
+                          "again with a larger shard_tokens to train on all of them", stacklevel=2)
         self._epochs: dict[int, tuple[np.ndarray, int]] = {}
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
