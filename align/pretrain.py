@@ -206,7 +206,7 @@ def model_config(cfg: PretrainConfig) -> GPTConfig:
     raise ConfigError(f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a gpt_config.json file")
 
 
-def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
+def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer, log=print) -> GPT:
     from align.tokenizer import id_limit
 
     if not cfg.init_from:
@@ -221,10 +221,31 @@ def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer) -> GPT:
         model = from_hf(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
     else:
         model = load_checkpoint(src)
-    if id_limit(tokenizer) > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has token ids up to {id_limit(tokenizer) - 1} but init_from {src} has "
-                          f"vocab_size {model.config.vocab_size}")
+    vocab = model.config.vocab_size
+    if id_limit(tokenizer) > vocab:
+        beyond = {i: t for t, i in tokenizer.get_vocab().items() if i >= vocab}
+        special = set(tokenizer.all_special_tokens)
+        if not set(beyond.values()) <= special:
+            raise ConfigError(f"the tokenizer has token ids up to {id_limit(tokenizer) - 1} but init_from {src} has "
+                              f"vocab_size {vocab}: it is not the model's tokenizer")
+        # The pad and role tokens align adds to a tokenizer (HF checkpoints often have no spare rows for them).
+        grow_vocab(model, 64 * math.ceil(id_limit(tokenizer) / 64))
+        log(f"[pretrain] init_from {src}: vocabulary grown from {vocab} to {model.config.vocab_size} rows for the "
+            f"special tokens added to its tokenizer ({', '.join(beyond[i] for i in sorted(beyond))}); the new rows "
+            "start as the mean of the existing ones")
     return model.train()
+
+
+def grow_vocab(model: GPT, vocab_size: int) -> None:
+    """Give the embedding (and an untied LM head) rows for new token ids, each the mean of the existing rows."""
+    def grown(weight: torch.Tensor) -> torch.nn.Parameter:
+        extra = weight.mean(dim=0, keepdim=True).expand(vocab_size - weight.size(0), -1)
+        return torch.nn.Parameter(torch.cat([weight.detach(), extra]))
+
+    model.wte.weight = grown(model.wte.weight)
+    model.lm_head.weight = model.wte.weight if model.config.tie_embeddings else grown(model.lm_head.weight)
+    model.wte.num_embeddings = model.lm_head.out_features = vocab_size
+    model.config.vocab_size = vocab_size
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device) -> torch.optim.AdamW:
@@ -398,7 +419,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
-    model = build_model(cfg, arch, tokenizer)
+    model = build_model(cfg, arch, tokenizer, log)
     model.activation_checkpointing = cfg.activation_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.config.flops_per_token(cfg.block_size)

@@ -197,6 +197,47 @@ def test_unexpressible_configs_are_refused():
                                        num_attention_heads=4)))
 
 
+def test_from_hf_refuses_weights_it_would_drop_and_unmerged_adapters():
+    small = dict(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        from_hf(GPT2LMHeadModel(GPT2Config(**small, add_cross_attention=True)))
+    gpt2 = GPT2LMHeadModel(GPT2Config(**small))
+    gpt2.transformer.h[0].register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # a part we cannot hold
+    with pytest.raises(ValueError, match=r"1 weights our GPT cannot hold \(e.g. transformer.h.0.extra\)"):
+        from_hf(gpt2)
+    del gpt2.transformer.h[0].extra
+    del gpt2.transformer.h[0].ln_2.bias
+    with pytest.raises(ValueError, match=r"no weight 'transformer.h.0.ln_2.bias'"):
+        from_hf(gpt2)
+
+    from peft import LoraConfig, get_peft_model
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    lora = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for wrapped in (lora, lora.get_base_model()):
+        with pytest.raises(ValueError, match=r"LoRA adapters attached; merge them .*merge_and_unload"):
+            from_hf(wrapped)
+    merged = lora.merge_and_unload()
+    assert (from_hf(merged)(torch.arange(8)[None])[0] - merged(torch.arange(8)[None]).logits).abs().max() < 1e-4
+
+    with torch.device("meta"):
+        on_meta = LlamaForCausalLM(llama.config)
+    with pytest.raises(ValueError, match="meta device"):
+        from_hf(on_meta)
+
+
+def test_from_hf_takes_swish_for_silu_and_warns_about_attention_dropout():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      hidden_act="swish", attention_dropout=0.1)
+    llama = LlamaForCausalLM(cfg).eval()
+    with pytest.warns(UserWarning, match="attention_dropout=0.1: our model has one dropout rate"):
+        ours = from_hf(llama)
+    idx = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (ours(idx)[0] - llama(idx).logits).abs().max() <= 1e-4
+
+
 def test_export_of_a_one_token_context_model_loads(tmp_path, tiny_tokenizer):
     """The generation config's default length is half the context, and at least one token."""
     model = GPT(tiny_config(vocab_size=len(tiny_tokenizer), block_size=1))

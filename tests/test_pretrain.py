@@ -425,6 +425,44 @@ def test_continue_pretraining_from_an_hf_model(setup, reference):
     assert log[0]["loss"] < log_of(reference)[0]["loss"] - 0.5  # starts from the trained weights, not from scratch
 
 
+def test_an_hf_model_without_spare_rows_grows_its_vocabulary_for_the_added_tokens(tmp_path):
+    # GPT-2, Llama 3, TinyLlama: vocab_size == len(tokenizer), no pad token. align adds pad and role tokens, which
+    # need rows; continued pretraining gives them the mean of the existing ones and leaves the rest exact.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from align.data.prepare import adapt_tokenizer
+    from align.pretrain import ConfigError, PretrainConfig, build_model, model_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat on the mat"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    hf.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+
+    cfg = PretrainConfig(init_from=str(tmp_path / "plain"))
+    adapted, lines = adapt_tokenizer(tokenizer), []
+    model = build_model(cfg, model_config(cfg), adapted, log=lines.append).eval()
+    assert model.config.vocab_size == 320 and model.wte.weight.shape == (320, 32)
+    assert model.lm_head.weight is model.wte.weight  # still tied
+    assert re.search(r"vocabulary grown from \d+ to 320 rows for the special tokens .*<\|pad\|>", lines[0])
+    idx = torch.tensor([tokenizer("the cat sat").input_ids])
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    assert (ours[..., :hf.config.vocab_size] - theirs).abs().max() <= 1e-4
+    torch.testing.assert_close(model.wte.weight[-1], hf.transformer.wte.weight.mean(0))
+
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<|endoftext|>")
+    other.add_tokens(["not special"])
+    with pytest.raises(ConfigError, match="it is not the model's tokenizer"):
+        build_model(cfg, model_config(cfg), adapt_tokenizer(other), log=lines.append)
+
+
 def test_activation_checkpointing_changes_memory_not_results(setup, reference):
     tmp, recipe = setup
     out = tmp / "recompute"

@@ -162,10 +162,14 @@ def gpt_config_from_hf(hf_cfg) -> GPTConfig:
         rope = getattr(hf_cfg, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_type {rope.get('rope_type')!r} (scaled RoPE) is not supported; only 'default'")
-        if hf_cfg.hidden_act != "silu":
+        if hf_cfg.hidden_act not in ("silu", "swish"):  # one function, two names
             raise ValueError(f"Llama hidden_act {hf_cfg.hidden_act!r} is not supported; only 'silu'")
         if bool(hf_cfg.attention_bias) != bool(getattr(hf_cfg, "mlp_bias", False)):
             raise ValueError("attention_bias != mlp_bias is not supported: our `bias` flag covers both")
+        if hf_cfg.attention_dropout:
+            warnings.warn(f"Llama attention_dropout={hf_cfg.attention_dropout}: our model has one dropout rate, so "
+                          "training also drops out embeddings and residuals at that rate (eval-mode logits are "
+                          "unaffected)", stacklevel=2)
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
         if head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
             raise ValueError(f"head_dim {head_dim} * heads != hidden_size {hf_cfg.hidden_size} is not supported")
@@ -189,6 +193,8 @@ def gpt_config_from_hf(hf_cfg) -> GPTConfig:
     if kind == "gpt2":
         if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation {hf_cfg.activation_function!r} is not supported; only tanh GELU")
+        if getattr(hf_cfg, "add_cross_attention", False):
+            raise ValueError("GPT-2 with add_cross_attention (an encoder-decoder's decoder) is not supported")
         if hf_cfg.scale_attn_by_inverse_layer_idx or not hf_cfg.scale_attn_weights:
             raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
         if not hf_cfg.resid_pdrop == hf_cfg.embd_pdrop == hf_cfg.attn_pdrop:
@@ -221,48 +227,67 @@ def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
 
         hf_model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
     config = gpt_config_from_hf(hf_model.config)
+    state = hf_model.state_dict()
+    if getattr(hf_model, "peft_config", None) or any(".base_layer." in k or ".lora_" in k for k in state):
+        raise ValueError("the model has LoRA adapters attached; merge them into the weights first "
+                         "(PeftModel.from_pretrained(base, ADAPTER_DIR).merge_and_unload()) and pass the merged model")
     expected = LlamaForCausalLM if config.family == "llama" else GPT2LMHeadModel
     if not isinstance(hf_model, expected):
         raise ValueError(f"from_hf needs a {expected.__name__} (the causal LM, with its head), got "
                          f"{type(hf_model).__name__}; load the checkpoint with AutoModelForCausalLM.from_pretrained")
-    model = GPT(config)
-    theirs = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
+    if any(v.is_meta for v in state.values()):
+        raise ValueError("the model's weights are on the meta device (not loaded); load them first, e.g. with "
+                         "AutoModelForCausalLM.from_pretrained(DIR)")
+    theirs = {k: v.detach().float() for k, v in state.items()}
     if config.tie_embeddings:
         theirs.pop("lm_head.weight", None)
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in theirs:
+            raise ValueError(f"{type(hf_model).__name__} has no weight {name!r}, which a {config.family} model of this "
+                             "config has; the checkpoint is incomplete or not a plain causal LM")
+        used.add(name)
+        return theirs[name]
+
     ours, c = {}, config
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     if c.family == "llama":
-        ours["wte.weight"] = theirs["model.embed_tokens.weight"]
+        ours["wte.weight"] = take("model.embed_tokens.weight")
         for i in range(c.n_layer):
             src, dst = f"model.layers.{i}.", f"blocks.{i}."
             for kind in ("weight", "bias") if c.bias else ("weight",):
                 a = src + "self_attn."
                 ours[dst + f"attn.qkv.{kind}"] = torch.cat(
-                    [theirs[a + f"q_proj.{kind}"], theirs[a + f"k_proj.{kind}"], theirs[a + f"v_proj.{kind}"]]
+                    [take(a + f"q_proj.{kind}"), take(a + f"k_proj.{kind}"), take(a + f"v_proj.{kind}")]
                 )
-                ours[dst + f"attn.proj.{kind}"] = theirs[a + f"o_proj.{kind}"]
+                ours[dst + f"attn.proj.{kind}"] = take(a + f"o_proj.{kind}")
                 m = src + "mlp."
-                ours[dst + f"mlp.fc.{kind}"] = torch.cat([theirs[m + f"gate_proj.{kind}"], theirs[m + f"up_proj.{kind}"]])
-                ours[dst + f"mlp.proj.{kind}"] = theirs[m + f"down_proj.{kind}"]
-            ours[dst + "norm_1.weight"] = theirs[src + "input_layernorm.weight"]
-            ours[dst + "norm_2.weight"] = theirs[src + "post_attention_layernorm.weight"]
-        ours["norm_f.weight"] = theirs["model.norm.weight"]
+                ours[dst + f"mlp.fc.{kind}"] = torch.cat([take(m + f"gate_proj.{kind}"), take(m + f"up_proj.{kind}")])
+                ours[dst + f"mlp.proj.{kind}"] = take(m + f"down_proj.{kind}")
+            ours[dst + "norm_1.weight"] = take(src + "input_layernorm.weight")
+            ours[dst + "norm_2.weight"] = take(src + "post_attention_layernorm.weight")
+        ours["norm_f.weight"] = take("model.norm.weight")
     else:
-        ours["wte.weight"] = theirs["transformer.wte.weight"]
-        ours["wpe.weight"] = theirs["transformer.wpe.weight"]
+        ours["wte.weight"] = take("transformer.wte.weight")
+        ours["wpe.weight"] = take("transformer.wpe.weight")
         for i in range(c.n_layer):
             src, dst = f"transformer.h.{i}.", f"blocks.{i}."
             for ours_name, theirs_name in (
                 ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"),
             ):
-                ours[dst + ours_name + ".weight"] = theirs[src + theirs_name + ".weight"].t().contiguous()
-                ours[dst + ours_name + ".bias"] = theirs[src + theirs_name + ".bias"]
+                ours[dst + ours_name + ".weight"] = take(src + theirs_name + ".weight").t().contiguous()
+                ours[dst + ours_name + ".bias"] = take(src + theirs_name + ".bias")
             for ours_name, theirs_name in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-                ours[dst + ours_name + ".weight"] = theirs[src + theirs_name + ".weight"]
-                ours[dst + ours_name + ".bias"] = theirs[src + theirs_name + ".bias"]
-        ours["norm_f.weight"] = theirs["transformer.ln_f.weight"]
-        ours["norm_f.bias"] = theirs["transformer.ln_f.bias"]
-    ours["lm_head.weight"] = ours["wte.weight"] if c.tie_embeddings else theirs["lm_head.weight"]
+                ours[dst + ours_name + ".weight"] = take(src + theirs_name + ".weight")
+                ours[dst + ours_name + ".bias"] = take(src + theirs_name + ".bias")
+        ours["norm_f.weight"] = take("transformer.ln_f.weight")
+        ours["norm_f.bias"] = take("transformer.ln_f.bias")
+    ours["lm_head.weight"] = ours["wte.weight"] if c.tie_embeddings else take("lm_head.weight")
+    unused = sorted(set(theirs) - used)
+    if unused:  # weights our model has no place for: importing without them would be another model
+        raise ValueError(f"{type(hf_model).__name__} has {len(unused)} weights our GPT cannot hold (e.g. "
+                         f"{', '.join(unused[:3])}): a part of the architecture from_hf does not support")
+    model = GPT(config)
     model.load_state_dict(ours, strict=True)
     return model.eval()
 
