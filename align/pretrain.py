@@ -404,6 +404,15 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         data_dir = prepare_data(data_cfg, log=log)
     tokenizer = AutoTokenizer.from_pretrained(data_dir / TOKENIZER_DIR)
     tok_hash = tokenizer_hash(tokenizer)
+    data_digest = shards_digest(data_dir)
+    if world > 1:  # each rank found its data itself: a source edited meanwhile gives it another cache key and tokens
+        from accelerate.utils import gather_object
+
+        seen = gather_object([(accelerator.process_index, str(data_dir), data_digest)])
+        if len({digest for _, _, digest in seen}) > 1:
+            raise DataError("the processes prepared different data (a source changed while the run started): "
+                            + "; ".join(f"rank {r}: {d} (tokens {digest})" for r, d, digest in seen)
+                            + ". Leave the sources unchanged while a run starts, or run `align prepare-data` first")
     if cfg.init_from:
         init_tok = adapt_tokenizer(AutoTokenizer.from_pretrained(data_cfg.tokenizer))
         if tokenizer_hash(init_tok) != tok_hash:
@@ -459,7 +468,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if main:
             truncate_log(log_path, train_state.step)
     if main:
-        notes = {"data prepared in": data_dir, "data digest": shards_digest(data_dir)}
+        notes = {"data prepared in": data_dir, "data digest": data_digest}
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
             changed = _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
             trained_on = _noted(output_dir / RECIPE_FILE, "data digest")  # None for a run from before digests
@@ -575,8 +584,9 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-        if cfg.report_to != "none":
-            accelerator.end_training()
+        if cfg.report_to != "none":  # not end_training(): it also destroys the process group the export needs
+            for tracker in accelerator.trackers:
+                tracker.finish()
 
     ckpts = checkpoint_dirs(output_dir)
     if saved_step != cfg.max_steps and (not ckpts or ckpts[-1].name != f"step-{cfg.max_steps:06d}"):

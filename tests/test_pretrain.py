@@ -257,13 +257,48 @@ def test_two_processes_match_one_at_the_same_global_batch(setup):
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
          str(ROOT / "scripts" / "pretrain.py"), "--config", str(recipe), "--output_dir", str(resumed),
-         "--max_steps", "8", "--micro_batch_size", "4", "--resume"],
+         "--max_steps", "8", "--micro_batch_size", "4", "--resume", "--report_to", "tensorboard"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
+    # (Accelerate's end_training() destroyed the process group before the export's barrier: exit status 1)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "was saved by 1 process(es), this run has 2" in proc.stdout
     for ra, rb in zip(a, log_of(resumed)):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=2e-4)
+    assert len(list(resumed.rglob("events.out.tfevents.*"))) == 1  # the main process's
+    assert (resumed / "hf" / "metrics.json").is_file()
+
+
+DIFFERENT_DATA = """
+import sys
+from align import pretrain
+original = pretrain.prepare_data
+def prepare_data(cfg, log=print):  # as if a source changed between the two ranks' looks at it
+    import dataclasses, os
+    if os.environ["RANK"] == "1":
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir + "-rank1", max_chars_per_source=200000)
+    return original(cfg, log=log)
+pretrain.prepare_data = prepare_data
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_processes_that_prepared_different_data_stop_before_training(setup):
+    tmp, recipe = setup
+    script = tmp / "different_data.py"
+    script.write_text(DIFFERENT_DATA)
+    out = tmp / "different_data"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+         str(script), "--config", str(recipe), "--output_dir", str(out), "--max_steps", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("the processes prepared different data") == 2, proc.stderr[-3000:]  # on every rank
+    assert "rank 0: " in proc.stderr and "rank 1: " in proc.stderr and "-rank1 (tokens" in proc.stderr
+    assert not (out / "train_log.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,6 +584,7 @@ def test_slurm_script_stops_the_run_near_the_time_limit_and_requeues(tmp_path, s
 trap 'echo saved > {tmp_path}/step; exit 143' TERM
 echo $$ > {tmp_path}/srun_pid
 echo "$*" > {tmp_path}/srun_args
+echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > {tmp_path}/shutdown_timeout
 for i in $(seq 300); do sleep 0.1; done
 echo "ran to the end" > {tmp_path}/step
 """)
@@ -557,7 +593,10 @@ echo "$*" >> {tmp_path}/scontrol
 [ "$1" = show ] && echo node001
 exit 0
 """)
-    for tool in ("srun", "scontrol"):
+    (bin_dir / "align").write_text(f"""#!/bin/bash
+echo "$*" > {tmp_path}/align_args
+""")
+    for tool in ("srun", "scontrol", "align"):
         (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
            "SLURM_NNODES": "2", "SLURM_JOB_ID": "42"}
@@ -580,3 +619,6 @@ exit 0
         assert job.returncode == 0, out
     args = (tmp_path / "srun_args").read_text()
     assert "--num_processes 16" in args and "--config recipes/llama-1b/pretrain.yaml --resume --max_steps 10" in args
+    # the data is prepared before the launch, once; the workers get time to save before the launcher kills them
+    assert (tmp_path / "align_args").read_text() == "prepare-data --config recipes/llama-1b/pretrain.yaml --max_steps 10\n"
+    assert (tmp_path / "shutdown_timeout").read_text() == "110\n"

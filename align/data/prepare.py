@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -234,9 +235,10 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
     key, spec = cache_key(cfg)
     data_dir = resolve_data_dir(cfg, key)
     log(f"[data] preparing {cfg.sources} -> {data_dir}")
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # A fresh name even across nodes sharing the cache (identical containers reuse process ids).
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
     try:
         tokenizer = build_tokenizer(cfg, log)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -292,7 +294,6 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
             f"{splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs), {dtype.__name__}, "
             f"tokenized in {time.time() - t0:.1f}s"
         )
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, data_dir)  # atomic: a data_dir with meta.json is always complete
         except OSError:
