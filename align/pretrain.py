@@ -181,6 +181,16 @@ def find_tokenizer_dir(path: Path) -> Path | None:
     return None
 
 
+def use_init_tokenizer(cfg: PretrainConfig, data_cfg: DataConfig) -> None:
+    """Continued pretraining tokenizes with init_from's tokenizer unless the recipe names one."""
+    if cfg.init_from and not data_cfg.tokenizer:
+        found = find_tokenizer_dir(Path(cfg.init_from))
+        if found is None:
+            raise ConfigError(f"init_from {cfg.init_from} has no tokenizer.json (nor a tokenizer/ beside it); "
+                              "set `tokenizer` to the model's tokenizer")
+        data_cfg.tokenizer = str(found)
+
+
 def model_config(cfg: PretrainConfig) -> GPTConfig:
     """The architecture, before the vocabulary is known (vocab_size comes from the tokenizer)."""
     if cfg.init_from:
@@ -359,12 +369,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (cfg.resume or cfg.overwrite):
         prepare_output_dir(output_dir)  # raises the standard "exists; --resume or --overwrite" error
-    if cfg.init_from and not data_cfg.tokenizer:
-        found = find_tokenizer_dir(Path(cfg.init_from))
-        if found is None:
-            raise ConfigError(f"init_from {cfg.init_from} has no tokenizer.json (nor a tokenizer/ beside it); "
-                              "set `tokenizer` to the model's tokenizer")
-        data_cfg.tokenizer = str(found)
+    use_init_tokenizer(cfg, data_cfg)
 
     use_cpu = device_type() == "cpu"
     state = PartialState(cpu=use_cpu)
@@ -472,6 +477,11 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         if cfg.resume and (output_dir / RECIPE_FILE).is_file():
             changed = _report_changes(output_dir / RECIPE_FILE, cfg, data_cfg, log)
             trained_on = _noted(output_dir / RECIPE_FILE, "data digest")  # None for a run from before digests
+            if trained_on and trained_on != data_digest:  # a digest from before data format 4, of the same tokens?
+                from align.tokenizer import legacy_tokenizer_hash
+
+                if trained_on == shards_digest(data_dir, tokenizer_key=legacy_tokenizer_hash(tokenizer)):
+                    trained_on = data_digest
             if trained_on and trained_on != notes["data digest"] and train_state.step > 0:
                 log(f"[pretrain] warning: the data changed since this run started (tokens {trained_on}, now "
                     f"{notes['data digest']} in {data_dir}): from step {train_state.step} on it trains on the new "
@@ -717,9 +727,10 @@ def prepare_main(argv: list[str] | None = None) -> int:
     """`align prepare-data --config recipes/<preset>/pretrain.yaml [--key value ...]`: the data step of a pretraining
     recipe on its own. The recipe's training fields are checked like `align pretrain` checks them, then unused."""
     try:
-        _, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align prepare-data")
+        cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align prepare-data")
+        use_init_tokenizer(cfg, data_cfg)  # as train() does, so that both prepare the same data
         data_dir = prepare_data(data_cfg)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         print(f"align prepare-data: error: {e}", file=sys.stderr)
         return 2
     print(f"[data] ready: {data_dir}")

@@ -105,6 +105,14 @@ def id_limit(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
+def legacy_tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
+    """tokenizer_hash as align computed it before data format 4 (vocabulary, merges, added tokens): what the data
+    digests recorded by runs of that time fold in."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    return hashlib.sha256(json.dumps({"model": state["model"], "added": state["added_tokens"]},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     """A short fingerprint of what token ids mean and how text becomes them (stored with token shards): the
     vocabulary and merges, the added tokens, the normalizer and pre-tokenizer, and which id ends a document."""

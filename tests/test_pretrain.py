@@ -346,6 +346,19 @@ def test_resume_on_changed_data_says_so(setup, tiny_tokenizer, tmp_path, monkeyp
     assert run(recipe, tmp_path / "run", *args, "--max_steps", "6", "--resume") == 0
     out = capsys.readouterr().out
     assert "home2" in out and "data changed" not in out
+    # a digest noted before data format 4 (another tokenizer hash inside it) of the same tokens: no warning either
+    from transformers import AutoTokenizer
+
+    from align.data.shards import shards_digest
+    from align.tokenizer import legacy_tokenizer_hash
+
+    data_dir = next((tmp_path / "home2" / "data").iterdir())
+    legacy = shards_digest(data_dir, tokenizer_key=legacy_tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "tok")))
+    assert legacy != shards_digest(data_dir)
+    recipe_file = tmp_path / "run" / "recipe.yaml"
+    recipe_file.write_text(re.sub(r"(?m)^# data digest: .*$", f"# data digest: {legacy}", recipe_file.read_text()))
+    assert run(recipe, tmp_path / "run", *args, "--max_steps", "8", "--resume") == 0
+    assert "data changed" not in capsys.readouterr().out
 
 
 def test_resume_past_a_torn_log_line_and_a_damaged_checkpoint(setup, reference, capsys):

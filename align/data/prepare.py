@@ -142,7 +142,7 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
     if meta.get("cache_key") != key:
         old = meta.get("spec", {})
         changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-        if changed == ["format"]:
+        if old.get("format") != FORMAT_VERSION:  # the key's other parts may have changed with the format
             raise DataError(f"data_dir {data_dir} was prepared by another version of align (data format "
                             f"{old.get('format')}, now {FORMAT_VERSION}); delete it to prepare it again, or choose "
                             "another data_dir")

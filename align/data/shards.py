@@ -232,14 +232,14 @@ class BatchLoader:
         return x.contiguous().to(device), y.contiguous().to(device)
 
 
-def shards_digest(data_dir: str | Path, samples: int = 16, block: int = 4096) -> str:
+def shards_digest(data_dir: str | Path, samples: int = 16, block: int = 4096, tokenizer_key: str | None = None) -> str:
     """A short fingerprint of the tokens a run trains on, whatever directory they sit in: the tokenizer, every
     shard's token count, and `samples` blocks spread over each shard (an edit shifts the tokens after it, so it
     shows in the blocks that follow). Cheap on shards of any size."""
     import hashlib
 
     meta = read_meta(data_dir)
-    digest = hashlib.sha256(meta["tokenizer_hash"].encode())
+    digest = hashlib.sha256((tokenizer_key or meta["tokenizer_hash"]).encode())
     for split in SPLITS:
         for shard in meta["splits"][split]["shards"]:
             path = Path(data_dir) / shard["file"]
