@@ -28,6 +28,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from align.model.hf import export, load_checkpoint
+    from align.pretrain import find_tokenizer_dir
     from align.runs import holds_cwd, prepare_output_dir
 
     parser = argparse.ArgumentParser(prog="align export", description=COMMANDS["export"][1])
@@ -53,30 +54,38 @@ def export_main(argv: list[str] | None = None) -> int:
                      "saved to, e.g. runs/NAME/tokenizer)")
     try:
         model = load_checkpoint(args.checkpoint)
-        tokenizer_dir = args.tokenizer or _find_tokenizer(args.checkpoint)
+        run_tokenizer = find_tokenizer_dir(Path(args.checkpoint))
+        if not (args.tokenizer or run_tokenizer):
+            raise FileNotFoundError(f"no tokenizer.json in {args.checkpoint} or beside it (looked in ./, tokenizer/, "
+                                    "../tokenizer, ../../tokenizer); pass --tokenizer DIR")
+        tokenizer_dir = args.tokenizer or run_tokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         except Exception as e:  # tokenizers and transformers raise many kinds for a damaged tokenizer.json
             raise ValueError(f"cannot load the tokenizer in {tokenizer_dir}: {' '.join(str(e).split())}") from e
+        if args.tokenizer and run_tokenizer and not _same_tokenizer(tokenizer, run_tokenizer):
+            print(f"align export: warning: --tokenizer {args.tokenizer} is not the tokenizer of the run this checkpoint "
+                  f"comes from ({run_tokenizer}): its token ids may mean other things than the weights learnt",
+                  file=sys.stderr)
         if args.overwrite:
             prepare_output_dir(out_dir, overwrite=True)  # the old directory is moved aside, never deleted
         out = export(model, tokenizer, out_dir, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError) as e:
         print(f"align export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
 
-def _find_tokenizer(checkpoint: str) -> str:
-    ckpt = Path(checkpoint)
-    for candidate in (ckpt, ckpt / "tokenizer", ckpt.parent / "tokenizer", ckpt.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return str(candidate)
-    raise FileNotFoundError(
-        f"no tokenizer.json in {ckpt} or beside it (looked in ./, tokenizer/, ../tokenizer, ../../tokenizer); "
-        "pass --tokenizer DIR"
-    )
+def _same_tokenizer(tokenizer, other_dir: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    from align.tokenizer import tokenizer_hash
+
+    try:
+        return tokenizer_hash(tokenizer) == tokenizer_hash(AutoTokenizer.from_pretrained(other_dir))
+    except Exception:  # an unreadable run tokenizer: nothing to compare with
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileExistsError, NotADirectoryError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, MemoryError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 1
     return SIGTERM_EXIT if "stopped_at" in result else 0

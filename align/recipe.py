@@ -35,7 +35,8 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str = "al
     key or flag, a value of the wrong type, a config's own check failing) is printed as one line, `PROG: error:
     ...`, and ends the program with exit status 2, as argparse does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = RecipeParser(dataclass_types, prog=prog)
+    # No abbreviated flags: --max_step would be taken for --max_steps, while the same key in a recipe is refused.
+    parser = RecipeParser(dataclass_types, prog=prog, allow_abbrev=False)
     try:
         return _parse(parser, argv)
     except ValueError as e:  # RecipeError, or a ValueError from a config's __post_init__ (TRL, transformers)

@@ -450,6 +450,7 @@ def test_shards_too_small_for_a_window_say_so(tmp_path, prepared):
     (dict(data_name="../elsewhere"), "data_name must be a plain name"),
     (dict(data_name=""), "data_name must be a plain name"),
     (dict(num_proc=-1), "num_proc must be >= 0"),
+    (dict(max_chars_per_source=0), "max_chars_per_source must be positive"),
 ])
 def test_bad_data_settings(tmp_path, fields, message):
     with pytest.raises(DataError, match=message):

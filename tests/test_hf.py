@@ -370,6 +370,32 @@ def test_export_command_bad_input_is_a_clear_error_without_traceback(tmp_path, t
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
+def test_export_warns_of_a_tokenizer_other_than_the_runs_and_memory_is_not_corruption(tmp_path, tiny_tokenizer,
+                                                                                    capsys, monkeypatch):
+    from align.cli import export_main
+    from align.model import hf as hf_module
+    from align.tokenizer import train_tokenizer
+
+    model = randomized(dict(tie_embeddings=True))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000010"
+    save_checkpoint(model, ckpt)
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    tiny_tokenizer.save_pretrained(tmp_path / "copy")
+    train_tokenizer(["the cat sat on the mat"] * 50, vocab_size=300).save_pretrained(tmp_path / "other")
+    assert export_main([str(ckpt), "--out", str(tmp_path / "a"), "--tokenizer", str(tmp_path / "copy")]) == 0
+    assert "warning" not in capsys.readouterr().err  # the same tokenizer, elsewhere
+    assert export_main([str(ckpt), "--out", str(tmp_path / "b"), "--tokenizer", str(tmp_path / "other")]) == 0
+    assert "is not the tokenizer of the run this checkpoint comes from" in capsys.readouterr().err
+
+    def no_memory(*args, **kwargs):
+        raise OSError("unable to mmap model.safetensors: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(hf_module, "load_model", no_memory)
+    assert export_main([str(ckpt), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory to load" in err and "the file may be fine" in err and "corrupt" not in err
+
+
 def test_export_command_keeps_what_it_would_replace(tmp_path, tiny_tokenizer, capsys):
     """--overwrite moves the old export aside; an --out that holds the checkpoint itself is refused."""
     from align.cli import export_main

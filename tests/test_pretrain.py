@@ -539,6 +539,14 @@ def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_abbreviated_flags_are_refused_like_misspelt_recipe_keys(setup, tmp_path, capsys):
+    _, recipe = setup
+    with pytest.raises(SystemExit) as exit_info:  # argparse would take --max_step for --max_steps
+        main(["--config", str(recipe), "--output_dir", str(tmp_path / "out"), "--max_step", "3"])
+    assert exit_info.value.code == 2 and "--max_step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_output_dir_never_moves_the_current_directory(tmp_path, monkeypatch):
     from align.runs import prepare_output_dir
 
@@ -593,10 +601,14 @@ def test_slurm_script_stops_the_run_near_the_time_limit_and_requeues(tmp_path, s
     the step has saved and exited; a plain SIGTERM (scancel) stops the step without a requeue."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"""#!/bin/bash
+    (bin_dir / "srun").write_text("""#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+exec "$@"
+""")  # runs the step's command, which execs the launcher: one process, as srun's pid is to the batch shell
+    (bin_dir / "accelerate").write_text(f"""#!/bin/bash
 trap 'echo saved > {tmp_path}/step; exit 143' TERM
 echo $$ > {tmp_path}/srun_pid
-echo "$*" > {tmp_path}/srun_args
+printf '%s\\n' "$@" > {tmp_path}/srun_args
 echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > {tmp_path}/shutdown_timeout
 for i in $(seq 300); do sleep 0.1; done
 echo "ran to the end" > {tmp_path}/step
@@ -607,14 +619,16 @@ echo "$*" >> {tmp_path}/scontrol
 exit 0
 """)
     (bin_dir / "align").write_text(f"""#!/bin/bash
-echo "$*" > {tmp_path}/align_args
+printf '%s\\n' "$@" > {tmp_path}/align_args
 """)
-    for tool in ("srun", "scontrol", "align"):
+    for tool in ("srun", "scontrol", "align", "accelerate"):
         (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "42"}
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "SLURM_NODEID": "0"}
+    # a glob that matches files here and a value with a space must reach the run as given
+    extra = ["--max_steps", "10", "--sources", "recipes/*/pretrain.yaml", "--data_name", "my corpus"]
     job = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_pretrain.sbatch"), "recipes/llama-1b/pretrain.yaml",
-                            "--max_steps", "10"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+                            *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     import time
 
     for _ in range(100):  # until srun has started
@@ -630,8 +644,11 @@ echo "$*" > {tmp_path}/align_args
     assert ("requeue 42" in (tmp_path / "scontrol").read_text()) == requeued
     if requeued:
         assert job.returncode == 0, out
-    args = (tmp_path / "srun_args").read_text()
-    assert "--num_processes 16" in args and "--config recipes/llama-1b/pretrain.yaml --resume --max_steps 10" in args
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[args.index("--num_processes") + 1] == "16" and args[args.index("--machine_rank") + 1] == "0"
+    assert args[args.index("scripts/pretrain.py"):] == ["scripts/pretrain.py", "--config", "recipes/llama-1b/pretrain.yaml",
+                                                        "--resume", *extra]
     # the data is prepared before the launch, once; the workers get time to save before the launcher kills them
-    assert (tmp_path / "align_args").read_text() == "prepare-data --config recipes/llama-1b/pretrain.yaml --max_steps 10\n"
+    assert (tmp_path / "align_args").read_text().splitlines() == ["prepare-data", "--config",
+                                                                  "recipes/llama-1b/pretrain.yaml", *extra]
     assert (tmp_path / "shutdown_timeout").read_text() == "110\n"

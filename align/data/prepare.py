@@ -74,7 +74,7 @@ class DataConfig:
     )
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "tokenizer directory or hub name (default: train a byte-level BPE here)"}
+        default=None, metadata={"help": "tokenizer directory or hub name; unset, a byte-level BPE is trained on the corpus"}
     )
     vocab_size: int = field(default=2048, metadata={"help": "vocabulary of the BPE trained when no tokenizer is given"})
     tokenizer_train_chars: int = field(
@@ -90,6 +90,9 @@ class DataConfig:
             raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.encoding_errors not in ("strict", "replace"):
             raise DataError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
+        if self.max_chars_per_source is not None and self.max_chars_per_source <= 0:
+            raise DataError(f"max_chars_per_source must be positive (or unset for no cap), got "
+                            f"{self.max_chars_per_source}")
         if self.shard_tokens <= 0:
             raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
         if self.num_proc < 0:

@@ -321,6 +321,9 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
         load_model(model, str(ckpt_dir / WEIGHTS_FILE), strict=True, device=map_location)
     except (SafetensorError, RuntimeError, OSError) as e:  # a corrupt file; size or key mismatches
         reason = " ".join(str(e).split())[:300]
+        if "Cannot allocate memory" in reason or "out of memory" in reason.lower():  # not the file's fault
+            raise MemoryError(f"not enough memory to load {ckpt_dir / WEIGHTS_FILE} (the file may be fine): "
+                              f"{reason}") from e
         raise ValueError(
             f"{ckpt_dir / WEIGHTS_FILE} does not hold the weights {ckpt_dir / CONFIG_FILE} describes (corrupt, or "
             f"from another model): {reason}"
