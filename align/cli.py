@@ -64,8 +64,9 @@ def export_main(argv: list[str] | None = None) -> int:
         except Exception as e:  # tokenizers and transformers raise many kinds for a damaged tokenizer.json
             raise ValueError(f"cannot load the tokenizer in {tokenizer_dir}: {' '.join(str(e).split())}") from e
         if args.tokenizer and run_tokenizer and not _same_tokenizer(tokenizer, run_tokenizer):
-            print(f"align export: warning: --tokenizer {args.tokenizer} is not the tokenizer of the run this checkpoint "
-                  f"comes from ({run_tokenizer}): its token ids may mean other things than the weights learnt",
+            print(f"align export: warning: --tokenizer {args.tokenizer} is not the tokenizer of the run this "
+                  f"checkpoint comes from ({run_tokenizer}): its token ids may mean other things than the weights "
+                  "learnt",
                   file=sys.stderr)
         if args.overwrite:
             prepare_output_dir(out_dir, overwrite=True)  # the old directory is moved aside, never deleted

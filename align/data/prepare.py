@@ -74,7 +74,7 @@ class DataConfig:
     )
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "tokenizer directory or hub name; unset, a byte-level BPE is trained on the corpus"}
+        default=None, metadata={"help": "tokenizer directory or hub name; unset, a BPE is trained on the corpus"}
     )
     vocab_size: int = field(default=2048, metadata={"help": "vocabulary of the BPE trained when no tokenizer is given"})
     tokenizer_train_chars: int = field(
