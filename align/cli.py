@@ -25,6 +25,7 @@ COMMANDS = {
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
     from align.model.hf import export, load_checkpoint
@@ -71,7 +72,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.overwrite:
             prepare_output_dir(out_dir, overwrite=True)  # the old directory is moved aside, never deleted
         out = export(model, tokenizer, out_dir, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError) as e:
+    except (OSError, ValueError, MemoryError, SafetensorError) as e:  # OSError: also a read-only or full disk
         print(f"align export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")

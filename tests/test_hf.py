@@ -227,6 +227,22 @@ def test_from_hf_refuses_weights_it_would_drop_and_unmerged_adapters():
         from_hf(on_meta)
 
 
+def test_from_hf_refuses_a_tied_config_whose_head_differs_and_an_align_checkpoint(tmp_path):
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, tie_word_embeddings=True))
+    llama.lm_head.weight = torch.nn.Parameter(llama.lm_head.weight.detach() + 0.5)  # untied, the flag left as it was
+    with pytest.raises(ValueError, match="tie_word_embeddings=True but its lm_head differs"):
+        from_hf(llama)
+    llama.config.tie_word_embeddings = False
+    with torch.no_grad():
+        assert (from_hf(llama)(torch.arange(8)[None])[0] - llama(torch.arange(8)[None]).logits).abs().max() < 1e-4
+    save_checkpoint(GPT(tiny_config()), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="an align checkpoint.*load_checkpoint"):
+        from_hf(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        from_hf(tmp_path / "nowhere")
+
+
 def test_from_hf_takes_swish_for_silu_and_warns_about_attention_dropout():
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       hidden_act="swish", attention_dropout=0.1)
@@ -311,6 +327,36 @@ def test_export_refuses_non_empty_directory_and_keeps_it(tmp_path, tiny_tokenize
     export(model, tiny_tokenizer, out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "precious.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directories left behind
+
+
+def test_a_failed_export_leaves_no_temporary_directory_and_a_symlink_keeps_pointing_at_the_export(
+        tmp_path, tiny_tokenizer, monkeypatch):
+    model = GPT(tiny_config())
+    out = tmp_path / "model"
+    with pytest.raises(FileNotFoundError):  # an extra file in a directory that does not exist: fails mid-write
+        export(model, tiny_tokenizer, out, extra_files={"missing/notes.txt": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+    target, link = tmp_path / "real", tmp_path / "link"
+    export(model, tiny_tokenizer, target)
+    link.symlink_to(target, target_is_directory=True)
+    (target / "old.txt").write_text("replaced")
+    assert export(model, tiny_tokenizer, link, overwrite=True) == link
+    assert link.is_symlink() and (link / "config.json").is_file() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+    from align.cli import export_main
+    from align.model import hf as hf_module
+
+    save_checkpoint(model, tmp_path / "run" / "checkpoints" / "step-000001")
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_module, "_set_model_max_length", disk_full)
+    assert export_main([str(tmp_path / "run" / "checkpoints" / "step-000001"), "--out", str(tmp_path / "x")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "run"]
 
 
 def test_export_refuses_tokenizer_without_distinct_pad(tmp_path, tiny_tokenizer):

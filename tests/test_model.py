@@ -276,14 +276,20 @@ def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
         assert model.training
     with pytest.raises(ValueError, match="batch, time"):
         model.generate(idx[0], 3)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one token per row"):
         model.generate(idx[:, :0], 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(idx, -1)
+    with pytest.raises(ValueError, match="at least one row"):
+        model.generate(idx[:0], 3)
     for kwargs, message in ((dict(eos_token_id=[]), "eos_token_id"), (dict(temperature=float("nan")), "temperature"),
-                            (dict(temperature=float("inf")), "temperature"), (dict(top_k=2.5), "top_k")):
+                            (dict(temperature=float("inf")), "temperature"), (dict(top_k=2.5), "top_k"),
+                            (dict(temperature=None), "temperature"), (dict(temperature="1"), "temperature")):
         with pytest.raises(ValueError, match=message):
             model.generate(idx, 3, **kwargs)
+    for bad_length in (True, 2.0, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
+            model.generate(idx, bad_length)
 
 
 def test_eos_as_a_tensor_and_a_tiny_temperature_behave():
@@ -296,6 +302,7 @@ def test_eos_as_a_tensor_and_a_tiny_temperature_behave():
     for same in (torch.tensor(eos), np.int64(eos), [eos]):
         assert torch.equal(model.generate(idx, 6, temperature=0, eos_token_id=same),
                            model.generate(idx, 6, temperature=0, eos_token_id=eos))
+    assert model.generate(idx, np.int64(3), temperature=0).shape == model.generate(idx, torch.tensor(3)).shape == (2, 7)
     sampled = model.generate(idx, 6, top_k=5.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, model.generate(idx, 6, top_k=5, generator=torch.Generator().manual_seed(0)))
     # Dividing raw logits by 1e-45 overflows to inf (and inf - inf = NaN in the softmax); it must act as greedy.

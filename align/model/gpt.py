@@ -8,6 +8,8 @@ and GPT2LMHeadModel; the only difference is that q/k/v (and SwiGLU's gate/up) ar
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn as nn
@@ -352,11 +354,16 @@ class GPT(nn.Module):
         A row that has emitted an eos token is padded with pad_token_id (default: the first eos id, as
         transformers does without a pad token) while the others finish; generation stops early once every row
         has finished. Returns (B, T + generated)."""
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a (batch, time) tensor of token ids with at least one token per row, "
-                             f"got shape {tuple(idx.shape)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if idx.dim() != 2 or idx.size(0) == 0 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids with at least one row and at least "
+                             f"one token per row, got shape {tuple(idx.shape)}")
+        try:  # any integer type (numpy's, a 0-d tensor), but not a bool or a float
+            n_new = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
+        except TypeError:
+            n_new = None
+        if n_new is None or n_new < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        max_new_tokens = n_new
         check_sampling_args(temperature, top_k, top_p)
         B, T = idx.shape
         # The last new token is never fed back, so the positions used are T + max_new_tokens - 1.
@@ -403,8 +410,9 @@ class GPT(nn.Module):
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0 or math.isinf(temperature):  # also refuses NaN
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(temperature, (str, bool)) or not isinstance(temperature, (numbers.Real, torch.Tensor)) \
+            or not temperature >= 0 or math.isinf(temperature):  # also refuses NaN
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

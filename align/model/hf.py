@@ -225,6 +225,12 @@ def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
     if isinstance(hf_model, (str, Path)):
         from transformers import AutoModelForCausalLM
 
+        if not Path(hf_model).is_dir():
+            raise FileNotFoundError(f"{hf_model} is not a directory (from_hf reads a local HF model directory, or "
+                                    "a model already loaded with AutoModelForCausalLM)")
+        if (Path(hf_model) / CONFIG_FILE).is_file() and not (Path(hf_model) / "config.json").is_file():
+            raise ValueError(f"{hf_model} is an align checkpoint, not an HF directory: load it with "
+                             "align.model.hf.load_checkpoint")
         hf_model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
     config = gpt_config_from_hf(hf_model.config)
     state = hf_model.state_dict()
@@ -240,7 +246,12 @@ def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
                          "AutoModelForCausalLM.from_pretrained(DIR)")
     theirs = {k: v.detach().float() for k, v in state.items()}
     if config.tie_embeddings:
-        theirs.pop("lm_head.weight", None)
+        head = theirs.pop("lm_head.weight", None)
+        embedding = theirs.get("model.embed_tokens.weight", theirs.get("transformer.wte.weight"))
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            raise ValueError(f"{type(hf_model).__name__}'s config says tie_word_embeddings=True but its lm_head "
+                             "differs from the input embeddings; set config.tie_word_embeddings=False (or tie them) "
+                             "first")
     used = set()
 
     def take(name: str) -> torch.Tensor:
@@ -370,11 +381,13 @@ def _set_model_max_length(tokenizer_dir: Path, block_size: int) -> None:
 def replace_dir_atomically(tmp_dir: Path, out_dir: Path) -> None:
     """Move a finished tmp_dir to out_dir; an existing out_dir is only removed once the new one is in place."""
     old = None
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
     os.replace(tmp_dir, out_dir)
-    if old is not None:
+    if old is not None and old.is_symlink():
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -408,15 +421,20 @@ def export(
         max_new_tokens=max(1, min(128, model.config.block_size // 2)),
         do_sample=False,
     )
+    requested, out_dir = out_dir, out_dir.resolve()  # a symlinked directory: its target is replaced, the link kept
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _set_model_max_length(tmp, model.config.block_size)
-    model.config.save(tmp / CONFIG_FILE)
-    (tmp / "README.md").write_text(_model_card(model, tokenizer, type(hf_model).__name__))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    replace_dir_atomically(tmp, out_dir)
-    return out_dir
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _set_model_max_length(tmp, model.config.block_size)
+        model.config.save(tmp / CONFIG_FILE)
+        (tmp / "README.md").write_text(_model_card(model, tokenizer, type(hf_model).__name__))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_dir_atomically(tmp, out_dir)
+    except BaseException:  # a full disk or Ctrl-C: no half-written temporary directory left taking the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return requested
