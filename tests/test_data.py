@@ -115,13 +115,44 @@ def test_local_formats(tmp_path):
     texts = [t for _, t in iter_source(str(tmp_path / "b.jsonl"), text_field="content")]
     assert texts == ["json line one", "json line two"]
     assert [t for _, t in iter_source(str(tmp_path / "*.jsonl*"), text_field="content")] == texts + ["gzipped line"]
-    assert [t for _, t in iter_source(str(tmp_path / "d.parquet"), text_field="content")] == ["parquet row",
+    # a null is an empty document, which the cleaner then counts as too short (not dropped unseen)
+    assert [t for _, t in iter_source(str(tmp_path / "d.parquet"), text_field="content")] == ["parquet row", "",
                                                                                              "parquet row 2"]
     assert [t for _, t in iter_source(str(tmp_path / "a.txt"))] == ["plain text file"]
     (tmp_path / "e.parquet.gz").write_bytes(gzip.compress((tmp_path / "d.parquet").read_bytes()))
-    assert [t for _, t in iter_source(str(tmp_path / "e.parquet.gz"), text_field="content")] == ["parquet row",
-                                                                                                "parquet row 2"]
+    assert [t for _, t in iter_source(str(tmp_path / "e.parquet.gz"), text_field="content")][::2] == [
+        "parquet row", "parquet row 2"]
     assert len(local_files(str(tmp_path))) == 5  # a directory: every supported file in it
+
+
+def test_a_directory_source_follows_symlinks_skips_hidden_and_says_what_it_left_out(tmp_path):
+    import datasets
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("linked")
+    src = tmp_path / "src"
+    (src / ".git").mkdir(parents=True)
+    (src / ".git" / "notes.txt").write_text("hidden")
+    (src / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real" / "loop").symlink_to(src, target_is_directory=True)  # each real directory is read once
+    (src / "OWN.TXT").write_text("upper-case suffix")
+    (src / "table.csv").write_text("a,b")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) of other types \(e.g. .*table.csv\)"):
+        assert sorted(t for _, t in iter_source(str(src))) == ["linked", "upper-case suffix"]
+    assert [t for _, t in iter_source(str(tmp_path / "real" / "**" / "*.txt"))] == ["linked"]  # once, not per path
+    datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match="saved with save_to_disk: name it as the source `hf:"):
+        local_files(str(tmp_path / "saved"))
+
+
+def test_null_texts_are_counted_and_utf16_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:40]] + [{"text": None}] * 3)
+    data_dir = prepare_data(small_cfg(tmp_path, [str(path)]), log=lambda *a: None)
+    cleaning = read_meta(data_dir)["cleaning"]
+    assert cleaning["documents_read"] == 43 and cleaning["dropped_too_short"] == 3
+    (tmp_path / "u16.txt").write_bytes("some text".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16 text .*iconv -f utf-16"):
+        list(iter_source(str(tmp_path / "u16.txt")))
 
 
 def test_corrupt_parquet_is_a_clear_error(tmp_path):
@@ -318,6 +349,30 @@ def test_the_cache_knows_every_tokenizer_file(tmp_path, tiny_tokenizer):
     assert key_a != key_b
 
 
+def test_the_cache_knows_a_tokenizer_saved_without_tokenizer_json(tmp_path):
+    from align.data.prepare import cache_key
+
+    (tmp_path / "gpt2").mkdir()
+    for name, text in (("vocab.json", '{"a": 0, "b": 1}'), ("merges.txt", "#version: 0.2\na b\n")):
+        (tmp_path / "gpt2" / name).write_text(text)
+    key = cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / "gpt2")))[0]
+    (tmp_path / "gpt2" / "merges.txt").write_text("#version: 0.2\n")
+    assert cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / "gpt2")))[0] != key
+
+
+def test_an_unguarded_script_with_worker_processes_stops_with_advice(tmp_path):
+    # Spawned workers import the main module: a script calling prepare_data at top level re-runs it in each of
+    # them, and they die; a Pool would respawn them forever.
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS])
+    (tmp_path / "script.py").write_text(
+        "from align.data.prepare import DataConfig, prepare_data\n"
+        "prepare_data(DataConfig(sources=['docs.jsonl'], vocab_size=300, val_fraction=0.1, num_proc=2, "
+        "data_dir='data'))\n")
+    result = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "under `if __name__ == \"__main__\":`" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_embedded_corpora_are_keyed_by_their_version():
     from align.data.corpus import source_fingerprint
 
@@ -486,6 +541,14 @@ def test_data_dir_that_is_a_file_or_has_a_damaged_meta_is_a_clear_error(tmp_path
     (tmp_path / "bad" / "meta.json").write_text('{"cache_key": ')
     with pytest.raises(DataError, match="meta.json is damaged"):
         prepare_data(small_cfg(tmp_path, [str(path)], data_dir=str(tmp_path / "bad")))
+    (tmp_path / "bad" / "meta.json").write_text('{"splits": {}}')
+    with pytest.raises(DataError, match="does not describe prepared shards"):
+        TokenShards(tmp_path / "bad", "train")
+    (tmp_path / "bad" / "meta.json").write_text('{"splits": {"val": {}}, "dtype": "uint16", "tokenizer_hash": "x"}')
+    with pytest.raises(DataError, match="meta.json is damaged .*train split"):
+        TokenShards(tmp_path / "bad", "train")
+    with pytest.raises(DataError, match="cannot write the prepared data under .*afile.*set ALIGN_HOME"):
+        prepare_data(small_cfg(tmp_path, [str(path)], data_dir=str(tmp_path / "afile" / "data")))
 
 
 def test_existing_foreign_data_dir(tmp_path):

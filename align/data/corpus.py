@@ -11,6 +11,7 @@ import platform
 import re
 import sysconfig
 import unicodedata
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -50,11 +51,13 @@ def local_files(spec: str) -> list[Path]:
     """The files a local source names: a file, a directory (searched recursively) or a glob."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
+        files = _directory_files(path)
     elif path.is_file():  # before the glob test: `notes [draft].txt` names a file
         files = [path]
     elif glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        real = {}  # one path per file: `**` through a symlinked directory (or a loop) finds files again
+        files = [real.setdefault(os.path.realpath(p), p) for p in matches if os.path.realpath(p) not in real]
     else:
         raise DataError(
             f"data source {spec!r} not found (working directory {os.getcwd()}). A source is a file, directory or "
@@ -68,9 +71,38 @@ def local_files(spec: str) -> list[Path]:
     return files
 
 
+def _directory_files(root: Path) -> list[Path]:
+    """The supported files under a directory, following symlinked directories (each real one once) and skipping
+    hidden ones (.git, .cache); the files of other types are left out, and said."""
+    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+        raise DataError(f"{root} is a dataset saved with save_to_disk: name it as the source `hf:{root}`")
+    files, skipped, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a second link to a directory already read
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            f = Path(dirpath) / name
+            if name.startswith(".") or not f.is_file():
+                continue
+            (files if _supported(f) else skipped).append(f)
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} file(s) of other types (e.g. {skipped[0]}); sources are "
+                      f"{', '.join(LOCAL_SUFFIXES)} files, optionally .gz", stacklevel=2)
+    return sorted(files)
+
+
+def _base_name(path: Path) -> str:
+    """The lower-case file name without a .gz suffix: what says how the file is read."""
+    name = path.name.lower()
+    return name[:-3] if name.endswith(".gz") else name
+
+
 def _supported(path: Path) -> bool:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return name.endswith(LOCAL_SUFFIXES)
+    return _base_name(path).endswith(LOCAL_SUFFIXES)
 
 
 def iter_source(
@@ -132,7 +164,7 @@ def _stdlib() -> Iterator[tuple[str, str]]:
 
 def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
-    if not path.name.endswith(".gz"):
+    if not path.name.lower().endswith(".gz"):
         return data
     try:
         return gzip.decompress(data)
@@ -146,6 +178,9 @@ def _open_text(path: Path, encoding_errors: str) -> str:
     try:
         return data.decode("utf-8", errors=encoding_errors).removeprefix("\ufeff")  # a UTF-8 byte-order mark
     except UnicodeDecodeError as e:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8. Convert it "
+                            "(e.g. `iconv -f utf-16 -t utf-8`)") from None
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
             f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}). Convert the file "
@@ -157,7 +192,7 @@ _JSON_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[tuple[str, str]]:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    name = _base_name(path)
     if name.endswith(".parquet"):
         yield from _parquet(path, text_field)
         return
@@ -194,6 +229,8 @@ def _text_of(row, text_field: str, where: str, encoding_errors: str = "strict") 
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: no field {text_field!r} (found {keys}); set `text_field` to the field with the text")
     value = row[text_field]
+    if value is None:  # a missing value (JSON null, a parquet/arrow null): an empty document, counted as too_short
+        return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string")
     # JSON may escape half of a surrogate pair ("\ud800"): a string that is not text, and cannot be encoded.
@@ -212,7 +249,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     import pyarrow.parquet as pq
 
     try:  # parquet needs random access, so a .gz one is decompressed into memory
-        pf = pq.ParquetFile(pa.BufferReader(_read_bytes(path)) if path.name.endswith(".gz") else path)
+        pf = pq.ParquetFile(pa.BufferReader(_read_bytes(path)) if path.name.lower().endswith(".gz") else path)
     except (pa.ArrowException, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from e
     if text_field not in pf.schema_arrow.names:
@@ -225,8 +262,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{path}[row {row}]: column {text_field!r} holds {type(value).__name__}, not text; "
                                 "set `text_field` to the text column")
-            if value is not None:
-                yield f"{path}[row {row}]", value
+            yield f"{path}[row {row}]", "" if value is None else value  # a null: empty, counted as too_short
             row += 1
 
 
@@ -235,6 +271,7 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
     import datasets
 
     name, _, config = spec[len(HF_PREFIX):].partition(":")
+    name = os.path.expanduser(name)
     try:
         if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
             stream = datasets.load_from_disk(name)  # written by save_to_disk: memory-mapped arrow, no streaming
@@ -270,7 +307,7 @@ def source_fingerprint(spec: str) -> list:
     if spec in EMBEDDED:
         return [spec]
     if spec.startswith(HF_PREFIX):
-        local = Path(spec[len(HF_PREFIX):].partition(":")[0])
+        local = Path(spec[len(HF_PREFIX):].partition(":")[0]).expanduser()
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
         return [spec] + [_file_key(p) for p in files]
     return [_file_key(p) for p in local_files(spec)]

@@ -41,7 +41,9 @@ FORMAT_VERSION = 4  # 2: val.jsonl (the validation documents as text, for held-o
 # 4: NFC after removing zero-width and control characters; the tokenizer hash covers normalizer, pre-tokenizer, eos
 VAL_DOCUMENTS = "val.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json",
+                   # a tokenizer saved without tokenizer.json (GPT-2's vocab + merges, a SentencePiece model)
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
 # Fields that do not change what is built, so they are left out of the cache key.
 NOT_IN_KEY = ("data_name", "data_dir", "num_proc")
 
@@ -107,14 +109,15 @@ def cache_key(cfg: DataConfig) -> tuple[str, dict]:
     spec = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
     spec["fingerprints"] = [source_fingerprint(s) for s in cfg.sources]
     spec["format"] = FORMAT_VERSION
-    if cfg.tokenizer and Path(cfg.tokenizer, "tokenizer.json").is_file():
+    if cfg.tokenizer and Path(cfg.tokenizer).expanduser().is_dir():
         # The files, not where they live: continuing from several exports of one run reuses one set of shards.
         # All of them: two tokenizers may share tokenizer.json and differ in eos or chat template (a base model
         # and its instruct variant), which the data directory's copy of the tokenizer would otherwise mix up.
         files = hashlib.sha256()
         for name in TOKENIZER_FILES:
-            if Path(cfg.tokenizer, name).is_file():
-                files.update(name.encode() + b"\0" + Path(cfg.tokenizer, name).read_bytes() + b"\0")
+            path = Path(cfg.tokenizer, name).expanduser()
+            if path.is_file():
+                files.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
         spec["tokenizer"] = "sha256:" + files.hexdigest()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return digest, spec
@@ -239,9 +242,13 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
     data_dir = resolve_data_dir(cfg, key)
     log(f"[data] preparing {cfg.sources} -> {data_dir}")
     # A fresh name even across nodes sharing the cache (identical containers reuse process ids).
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
+    try:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"cannot write the prepared data under {data_dir.parent} ({e.strerror or e}); set ALIGN_HOME "
+                        "(or data_dir) to a writable directory") from None
     try:
         tokenizer = build_tokenizer(cfg, log)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)

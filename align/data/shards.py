@@ -5,7 +5,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -95,21 +98,35 @@ def encode_documents(
         if batch:
             yield batch
 
+    def with_eos(encoded: list[list[int]]) -> Iterator[np.ndarray]:
+        return (np.array(ids + [eos_id], dtype=np.int64) for ids in encoded)
+
     if num_proc <= 1:
         _init_worker(tokenizer_file)
-        results = map(_encode, batches())
-        pool = None
-    else:
-        # spawn, not fork: the parent may already have used the tokenizer's own thread pool.
-        pool = mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_file,))
-        results = pool.imap(_encode, batches(), chunksize=1)
+        for batch in batches():
+            yield from with_eos(_encode(batch))
+        return
+    # spawn, not fork: the parent may already have used the tokenizer's own thread pool. An executor rather than a
+    # Pool: a worker that dies (one that re-ran an unguarded script's call to prepare_data) breaks it with an
+    # error, where a Pool would start new workers forever.
+    pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(tokenizer_file,))
+    pending = deque()  # a few batches in flight per worker, in input order
     try:
-        for batch in results:
-            for ids in batch:
-                yield np.array(ids + [eos_id], dtype=np.int64)
+        for batch in batches():
+            pending.append(pool.submit(_encode, batch))
+            while len(pending) > 2 * num_proc or (pending and pending[0].done()):
+                yield from with_eos(pending.popleft().result())
+        while pending:
+            yield from with_eos(pending.popleft().result())
+    except BrokenProcessPool as e:
+        raise DataError(
+            f"the tokenizer worker processes stopped ({e}). If a script of yours calls prepare_data: workers are "
+            "spawned and import the main module, so the call must be under `if __name__ == \"__main__\":`; or set "
+            "num_proc: 1"
+        ) from None
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -124,7 +141,8 @@ def read_meta(data_dir: str | Path) -> dict:
         meta = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise DataError(f"{path} is damaged ({e}): delete {data_dir} and prepare the data again") from None
-    if not isinstance(meta, dict) or "splits" not in meta:
+    required = ("splits", "dtype", "tokenizer_hash")
+    if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(meta["splits"], dict):
         raise DataError(f"{path} does not describe prepared shards: delete {data_dir} and prepare the data again")
     return meta
 
@@ -142,18 +160,22 @@ class TokenShards:
                 "`align prepare-data` with this tokenizer (a new data_dir), or train with the tokenizer in "
                 f"{self.data_dir / TOKENIZER_DIR}"
             )
-        dtype = np.dtype(self.meta["dtype"])
+        try:
+            dtype = np.dtype(self.meta["dtype"])
+            shards = [(self.data_dir / s["file"], int(s["tokens"])) for s in self.meta["splits"][split]["shards"]]
+        except (KeyError, TypeError, ValueError) as e:  # a hand-edited meta.json
+            raise DataError(f"{self.data_dir / META_FILE} is damaged ({type(e).__name__}: {e} in the {split} split's "
+                            f"entry): delete {self.data_dir} and prepare the data again") from None
         self.arrays = []
-        for shard in self.meta["splits"][split]["shards"]:
-            path = self.data_dir / shard["file"]
-            expected = shard["tokens"] * dtype.itemsize
+        for path, tokens in shards:
+            expected = tokens * dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 found = path.stat().st_size if path.is_file() else "no file"
                 raise DataError(
                     f"shard {path} is missing or truncated (expected {expected} bytes, found {found}); delete "
                     f"{self.data_dir} and run `align prepare-data` again"
                 )
-            if shard["tokens"]:
+            if tokens:
                 self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         self.tokens = sum(len(a) for a in self.arrays)
 
