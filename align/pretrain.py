@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,12 +25,11 @@ from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import holds_cwd, prepare_output_dir, write_json
+from align.runs import has_contents, holds_cwd, lock_run_dir, prepare_output_dir, write_json
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
-SIGTERM_EXIT = 128 + signal.SIGTERM
 VAL_SEED = 1234
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices use a matmul peak measured at startup.
 GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
@@ -139,6 +139,10 @@ def check_config(cfg: PretrainConfig) -> None:
                  "save_total_limit"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "min_lr_ratio", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
+                 "peak_flops"):
+        if not math.isfinite(getattr(cfg, name) or 0.0):
+            raise ConfigError(f"{name} must be a finite number, got {getattr(cfg, name)}")
     if cfg.micro_batch_size < 0 or cfg.warmup_steps < 0 or cfg.max_grad_norm < 0:
         raise ConfigError("micro_batch_size, warmup_steps and max_grad_norm must not be negative")
     if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
@@ -327,6 +331,12 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
     return final
 
 
+def weights_finite(model, accelerator) -> bool:
+    local = all(bool(p.isfinite().all()) for p in model.parameters())
+    flag = torch.tensor(float(local), device=accelerator.device)
+    return accelerator.reduce(flag, "min").item() > 0 if accelerator.num_processes > 1 else local
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
     if not path.is_file():
@@ -350,6 +360,11 @@ def truncate_log(path: Path, step: int) -> None:
 
 def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     """Pretrain as the recipe says; returns the final metrics (also written to output_dir/metrics.json)."""
+    with contextlib.ExitStack() as held:  # what the run holds until it returns or fails: its directory's lock
+        return _train(cfg, data_cfg, held)
+
+
+def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack) -> dict:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
@@ -367,7 +382,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             f"lower --block_size to at most {arch.block_size} or use a model with a longer context"
         )
     output_dir = Path(cfg.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (cfg.resume or cfg.overwrite):
+    if output_dir.is_dir() and has_contents(output_dir) and not (cfg.resume or cfg.overwrite):
         prepare_output_dir(output_dir)  # raises the standard "exists; --resume or --overwrite" error
     use_init_tokenizer(cfg, data_cfg)
 
@@ -428,9 +443,21 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
     # comparable between runs and covers every source, not just the first one in the file.
     val_data = BatchLoader(TokenShards(data_dir, "val", tok_hash), cfg.block_size, cfg.batch_size, seed=VAL_SEED)
     # Only now, with the data known to be good, is an existing run moved aside (--overwrite) or continued.
+    problem = [None]  # the main process's, raised on every rank: none may wait alone in a collective
     if main:
-        prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
-    accelerator.wait_for_everyone()
+        try:
+            if output_dir.is_dir():  # before --overwrite moves it aside: not from under a run still writing to it
+                lock_run_dir(output_dir).close()
+            prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+            held.enter_context(lock_run_dir(output_dir))  # a second run on this directory stops with an error
+        except (FileExistsError, NotADirectoryError) as e:
+            problem = [e]
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise problem[0]
 
     set_seed(cfg.seed)
     model = build_model(cfg, arch, tokenizer, log)
@@ -523,8 +550,18 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
         model.train()
         return accelerator.reduce(total / (cfg.eval_batches * grad_accum), "mean").item()
 
-    stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) if _main_thread() else None
+    stop = {"signal": None}  # SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now
+
+    def on_signal(signum, _frame):
+        if signum == signal.SIGINT and stop["signal"] == "SIGINT":
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        if signum == signal.SIGINT and main:
+            print("\n[pretrain] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals} if _main_thread() else {}
     recent, last_val, rates, saved_step = [], None, [], -1
     started = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=train_state.step, desc="pretrain", unit="step", disable=not main)
@@ -580,20 +617,24 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
             if world > 1:  # every rank must stop at the same step, whichever got the signal
-                flag = torch.tensor(float(stop["signal"]), device=accelerator.device)
-                stop["signal"] = accelerator.reduce(flag, "max").item() > 0
+                flag = torch.tensor(float(stop["signal"] is not None), device=accelerator.device)
+                if accelerator.reduce(flag, "max").item() > 0:
+                    stop["signal"] = stop["signal"] or "SIGTERM"  # another rank's
             if train_state.step % cfg.save_steps == 0 or train_state.step == cfg.max_steps or stop["signal"]:
+                if not weights_finite(model, accelerator):  # a checkpoint is never saved with inf/nan weights
+                    raise FloatingPointError(_nonfinite_message(train_state.step, step_loss, norm, lr, output_dir,
+                                                                what="weights after the optimizer step"))
                 ckpt = save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
                 saved_step = train_state.step
             if stop["signal"]:
                 bar.close()
-                log(f"[pretrain] SIGTERM: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; continue "
-                    f"with the same command and --resume (keeping --max_steps {cfg.max_steps})")
-                return {"stopped_at": train_state.step, "checkpoint": str(ckpt)}
+                log(f"[pretrain] {stop['signal']}: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; "
+                    f"continue with the same command and --resume (keeping --max_steps {cfg.max_steps})")
+                return {"stopped_at": train_state.step, "checkpoint": str(ckpt), "signal": stop["signal"]}
     finally:
         bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if cfg.report_to != "none":  # not end_training(): it also destroys the process group the export needs
             for tracker in accelerator.trackers:
                 tracker.finish()
@@ -691,8 +732,9 @@ def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig
 
     old = yaml.safe_load(recipe_path.read_text()) or {}
     new = {**dataclasses.asdict(data_cfg), **dataclasses.asdict(cfg)}
+    # output_dir is the directory being resumed, however spelt (a relative path, a copied run): not a setting
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k]
-               and k not in ("resume", "overwrite")]
+               and k not in ("resume", "overwrite", "output_dir")]
     if changed:
         log(f"[pretrain] resuming with changed settings: {', '.join(changed)}")
     return changed
@@ -712,15 +754,32 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, output_dir: Path) -> str:
+def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, output_dir: Path,
+                       what: str | None = None) -> str:
+    what = what or ("loss" if not math.isfinite(loss) else "gradient norm")
     ckpts = checkpoint_dirs(output_dir)
-    last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved yet"
-    return (
-        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} (loss {loss}, "
-        f"grad_norm {grad_norm}, lr {lr:.3g}): stopped instead of "
-        f"training on garbage; {last}. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
-        "then --resume (or start again)"
-    )
+    losses = {}
+    if (output_dir / LOG_FILE).is_file():
+        for line in (output_dir / LOG_FILE).read_text().splitlines():
+            try:
+                record = json.loads(line)
+                losses[int(record["step"])] = float(record["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    if not ckpts:
+        advice = ("no checkpoint was saved yet. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
+                  "and start again")
+    else:
+        saved_at = int(ckpts[-1].name.removeprefix("step-"))
+        best = min(losses.items(), key=lambda kv: kv[1]) if losses else None
+        history = (f" (logged loss {losses[saved_at]:.4g} at its step, lowest {best[1]:.4g} at step {best[0]})"
+                   if saved_at in losses and best else "")
+        advice = (f"the latest checkpoint is {ckpts[-1]}{history}. A diverging run often goes bad before its loss "
+                  "turns non-finite: if the loss had already risen there, that checkpoint diverged too; resume from an "
+                  "earlier one (move the later ones aside) or start again. Lower --learning_rate, raise "
+                  "--warmup_steps or set --max_grad_norm, then --resume")
+    return (f"non-finite {what} at step {step} (loss {loss}, grad_norm {grad_norm}, lr {lr:.3g}): stopped instead "
+            f"of training on garbage; {advice}")
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
@@ -748,4 +807,4 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, MemoryError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 1
-    return SIGTERM_EXIT if "stopped_at" in result else 0
+    return 128 + signal.Signals[result["signal"]] if "stopped_at" in result else 0  # 143 for SIGTERM, 130 Ctrl-C

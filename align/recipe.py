@@ -49,7 +49,7 @@ def _parse(parser: RecipeParser, argv: list[str]):
     flags, config_path, data = argv, None, {}
     if "--config" in argv:
         i = argv.index("--config")
-        if i + 1 >= len(argv):
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise RecipeError("--config needs a path to a recipe YAML file")
         config_path = Path(argv[i + 1])
         flags = argv[:i] + argv[i + 2:]

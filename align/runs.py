@@ -8,6 +8,34 @@ import time
 from pathlib import Path
 
 
+LOCK_FILE = ".lock"
+
+
+def has_contents(path: str | Path) -> bool:
+    """Whether a directory holds anything but a run's lock file (a run that failed at its start leaves only that)."""
+    return any(p.name != LOCK_FILE for p in Path(path).iterdir())
+
+
+def lock_run_dir(path: str | Path):
+    """Hold `path/.lock` for as long as the returned file stays open (the process's lifetime, at most): a second run
+    on the same directory stops here instead of interleaving its checkpoints and log with the first's."""
+    import fcntl
+
+    lock = open(Path(path) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise FileExistsError(f"{path} is in use by a run still going ({holder}); wait for it to finish, or choose "
+                              "another output directory") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    lock.flush()
+    return lock
+
+
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create `path`, refusing an existing non-empty directory unless resuming or overwriting.
 
@@ -16,7 +44,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"output path {path} exists and is a file")
-    if path.is_dir() and any(path.iterdir()) and not resume:
+    if path.is_dir() and has_contents(path) and not resume:
         if not overwrite:
             raise FileExistsError(
                 f"output directory {path} already exists and is not empty; pass --resume to continue it, "

@@ -1,6 +1,8 @@
 """Hugging Face export and import: logits and greedy-generation parity, round trips, the exported directory."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -336,6 +338,14 @@ def test_a_failed_export_leaves_no_temporary_directory_and_a_symlink_keeps_point
     with pytest.raises(FileNotFoundError):  # an extra file in a directory that does not exist: fails mid-write
         export(model, tiny_tokenizer, out, extra_files={"missing/notes.txt": "x"})
     assert list(tmp_path.iterdir()) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for kind in ("tmp", "old"):  # what an export killed part-way left, by a process no longer running
+        (tmp_path / f".model.{kind}-{dead.stdout.strip()}").mkdir()
+    (tmp_path / f".model.tmp-{os.getppid()}").mkdir()  # a running process's: not touched
+    export(model, tiny_tokenizer, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.tmp-{os.getppid()}", "model"]
+    for p in tmp_path.iterdir():
+        shutil.rmtree(p)
 
     target, link = tmp_path / "real", tmp_path / "link"
     export(model, tiny_tokenizer, target)

@@ -222,6 +222,48 @@ def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     assert "is at step 12, past --max_steps 6" in capsys.readouterr().err
 
 
+def test_ctrl_c_saves_and_exits_and_a_second_one_stops_at_once(setup, monkeypatch, capsys):
+    tmp, recipe = setup
+    original = BatchLoader.batch
+
+    def batch(self, step, *args, **kwargs):
+        if self.shards.split == "train" and step == 2 and batch.left:
+            batch.left -= 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, *args, **kwargs)
+
+    batch.left = 1
+    monkeypatch.setattr(BatchLoader, "batch", batch)
+    before = signal.getsignal(signal.SIGINT)
+    assert run(recipe, tmp / "interrupted", "--micro_batch_size", "4") == 128 + signal.SIGINT
+    assert "Ctrl-C again to stop at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert sorted(p.name for p in (tmp / "interrupted" / "checkpoints").iterdir()) == ["step-000003"]
+    batch.left = 2  # both micro-steps of step 3 are interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp / "interrupted_twice", "--micro_batch_size", "4")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_one_run_at_a_time_per_directory_and_finite_settings(setup, capsys):
+    from align.runs import lock_run_dir
+
+    tmp, recipe = setup
+    out = tmp / "locked"
+    out.mkdir()
+    holder = lock_run_dir(out)  # a run still going, as far as the directory can tell
+    try:
+        assert run(recipe, out, "--resume") == 2
+        assert "is in use by a run still going (pid" in capsys.readouterr().err
+    finally:
+        holder.close()
+    for flag in ("--learning_rate", "--max_grad_norm", "--weight_decay"):
+        for value in ("nan", "inf"):
+            assert run(recipe, tmp / "nan", flag, value) == 2
+            assert f"{flag[2:]} must be a finite number" in capsys.readouterr().err
+    assert not (tmp / "nan").exists()
+
+
 def test_two_processes_match_one_at_the_same_global_batch(setup):
     tmp, recipe = setup
     one, two = tmp / "one_process", tmp / "two_processes"
@@ -461,6 +503,14 @@ def test_non_finite_loss_stops_the_run(setup, capsys):
     assert re.search(r"non-finite (loss|gradient norm) at step \d+ \(loss \S+, grad_norm \S+", err), err[-500:]
     assert "--learning_rate" in err
     assert not (out / "hf").exists()
+    # weights that turned inf in the optimizer step are never saved as a checkpoint to resume from
+    out = tmp / "diverged_weights"
+    assert run(recipe, out, "--learning_rate", "1e38", "--max_grad_norm", "0", "--warmup_steps", "0",
+               "--save_steps", "1") == 1
+    err = capsys.readouterr().err
+    assert "non-finite weights after the optimizer step at step 1" in err and "no checkpoint was saved yet" in err
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(t.isfinite().all() for t in load_file(ckpt / "model.safetensors").values()), ckpt
 
 
 def test_continue_pretraining_from_an_hf_model(setup, reference):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -378,6 +379,30 @@ def _set_model_max_length(tokenizer_dir: Path, block_size: int) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove what an export killed part-way left beside out_dir (.NAME.tmp-PID, .NAME.old-PID: a full copy of the
+    weights each), unless the process that wrote it is still running."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)-(\d+)")
+    for leftover in out_dir.parent.iterdir():
+        match = pattern.fullmatch(leftover.name)
+        if match is None or _process_running(int(match.group(2))):
+            continue
+        if leftover.is_symlink():
+            leftover.unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def replace_dir_atomically(tmp_dir: Path, out_dir: Path) -> None:
     """Move a finished tmp_dir to out_dir; an existing out_dir is only removed once the new one is in place."""
     old = None
@@ -423,8 +448,9 @@ def export(
     )
     requested, out_dir = out_dir, out_dir.resolve()  # a symlinked directory: its target is replaced, the link kept
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # ours from before a restart that reused the process id
     try:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
