@@ -450,7 +450,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
                 lock_run_dir(output_dir).close()
             prepare_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
             held.enter_context(lock_run_dir(output_dir))  # a second run on this directory stops with an error
-        except (FileExistsError, NotADirectoryError) as e:
+        except OSError as e:  # in use, a file, read-only
             problem = [e]
     if world > 1:
         from accelerate.utils import broadcast_object_list
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align pretrain")
         result = train(cfg, data_cfg)
-    except (ConfigError, DataError, FileExistsError, NotADirectoryError) as e:
+    except (ConfigError, DataError, FileExistsError, NotADirectoryError, PermissionError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, MemoryError) as e:
