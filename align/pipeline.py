@@ -9,6 +9,7 @@ continues where it stopped; --from STAGE reruns that stage and everything after 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -52,6 +53,12 @@ def stage_recipe(preset: str, stage: str) -> Path:
     return path
 
 
+def has_model(directory: Path) -> bool:
+    """An HF model directory with its config and weights (a damaged copy may have lost either)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return (directory / "config.json").is_file() and any((directory / w).is_file() for w in weights)
+
+
 def newest_file(directory: Path) -> float:
     """mtime of the newest file directly in a directory (a model's weights, config and tokenizer)."""
     return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=0.0)
@@ -63,6 +70,8 @@ class Pipeline:
         state = read_json(out / "pipeline.json") if (out / "pipeline.json").is_file() else {}
         self.timings: dict[str, float] = state.get("seconds", {})
         self.finished: dict[str, float] = state.get("finished", {})  # stage -> time.time() when it completed
+        # stage -> the identity of every earlier stage it was built from (a stage redone by hand changes its own)
+        self.built_from: dict[str, dict[str, str]] = state.get("built_from", {})
 
     # --- where things are
 
@@ -82,15 +91,31 @@ class Pipeline:
     def complete(self, stage: str) -> bool:
         d = self.dir(stage)
         if stage == "pretrain":
-            return (d / "metrics.json").is_file() and (d / "hf" / "config.json").is_file()
+            return (d / "metrics.json").is_file() and has_model(d / "hf")
         if stage == "base":
-            return (d / "config.json").is_file()
+            return has_model(d)
         if stage in ("sft", "reward", "ppo"):
-            return (d / "metrics.json").is_file()
+            return (d / "metrics.json").is_file() and has_model(d)
         if stage == "eval":
             return all((d / m / "results.json").is_file() and (d / m / "extra_metrics.json").is_file()
                        for m in MODELS)
         return (d / "index.html").is_file()
+
+    def identity(self, stage: str) -> str:
+        """A digest of what a stage's output says about itself (its metrics, results): a copy keeps it, a rerun
+        (by the pipeline or by hand) changes it."""
+        d = self.dir(stage)
+        files = {"pretrain": [d / "metrics.json"], "base": [d / "config.json", d / "metrics.json"],
+                 "eval": [d / m / f for m in MODELS for f in ("results.json", "extra_metrics.json")],
+                 "report": [d / "summary.json"]}.get(stage, [d / "metrics.json"])
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.read_bytes() if f.is_file() else b"-")
+        return digest.hexdigest()[:16]
+
+    def changed_upstream(self, stage: str) -> list[str]:
+        recorded = self.built_from.get(stage, {})
+        return [earlier for earlier, identity in recorded.items() if self.identity(earlier) != identity]
 
     # --- running
 
@@ -249,6 +274,10 @@ class Pipeline:
                 # interrupted): a report must never mix models.
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: older than the stages before it, running it again")
                 self.clear(stage)
+            elif self.complete(stage) and self.changed_upstream(stage):
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(self.changed_upstream(stage))} changed since "
+                      "it was built (redone outside the pipeline?), running it again")
+                self.clear(stage)
             if self.complete(stage):
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: complete, skipped")
                 upstream_finished = max(upstream_finished, self.finished.get(stage, 0.0))
@@ -258,8 +287,9 @@ class Pipeline:
             getattr(self, f"stage_{stage}")()
             self.timings[stage] = round(time.time() - t0, 1)
             self.finished[stage] = upstream_finished = time.time()
-            write_json(self.out / "pipeline.json",
-                       {"preset": self.preset, "seconds": self.timings, "finished": self.finished})
+            self.built_from[stage] = {earlier: self.identity(earlier) for earlier in STAGES[:STAGES.index(stage)]}
+            write_json(self.out / "pipeline.json", {"preset": self.preset, "seconds": self.timings,
+                                                    "finished": self.finished, "built_from": self.built_from})
         total = sum(self.timings.values())
         print(f"[pipeline] stage times (s): {self.timings}; total {total / 60:.1f} min")
 

@@ -25,7 +25,7 @@ from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import has_contents, holds_cwd, lock_run_dir, prepare_output_dir, write_json
+from align.runs import has_contents, holds_cwd, lock_run_dir, prepare_output_dir, truncate_log, write_json
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -335,23 +335,6 @@ def weights_finite(model, accelerator) -> bool:
     local = all(bool(p.isfinite().all()) for p in model.parameters())
     flag = torch.tensor(float(local), device=accelerator.device)
     return accelerator.reduce(flag, "min").item() > 0 if accelerator.num_processes > 1 else local
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
-    if not path.is_file():
-        return
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or the last line cut off by the kill
-        if record.get("step", 0) <= step:
-            lines.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------------------------

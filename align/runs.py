@@ -79,3 +79,19 @@ def write_json(path: str | Path, data) -> None:
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or the last line cut off by the kill
+        if record.get("step", 0) <= step:
+            lines.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)

@@ -99,6 +99,23 @@ def test_stages_older_than_a_rerun_stage_are_run_again(smoke_run):
     assert (out / "report" / "summary.json").stat().st_mtime > ppo_done
 
 
+def test_a_stage_redone_outside_the_pipeline_or_damaged_is_not_taken_as_complete(smoke_run, tmp_path):
+    import shutil
+
+    from align.pipeline import Pipeline, PipelineConfig
+
+    out, home, _ = smoke_run
+    metrics = out / "reward" / "metrics.json"  # what `align reward ... --overwrite true` by hand would rewrite
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "redone": True}))
+    again = run_pipeline(out, home, "--to", "ppo")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ppo: reward changed since it was built" in again.stdout and "ppo ..." in again.stdout
+    shutil.copytree(out / "sft", tmp_path / "copy" / "sft")
+    assert Pipeline("smoke", tmp_path / "copy", PipelineConfig(), None).complete("sft")  # a copy is complete
+    (tmp_path / "copy" / "sft" / "model.safetensors").unlink()
+    assert not Pipeline("smoke", tmp_path / "copy", PipelineConfig(), None).complete("sft")
+
+
 def test_unknown_preset_is_refused(tmp_path):
     result = run_pipeline(tmp_path / "x", tmp_path / "home", "--preset", "huge")
     assert result.returncode != 0 and "preset 'huge'" in result.stderr and "tiny" in result.stderr

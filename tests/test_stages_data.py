@@ -235,9 +235,36 @@ def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path, 
     (out / "keep.txt").write_text("finished work")
     assert_refused(capsys, lambda: sft_main(tiny_hf_dir, out, data),
                    r"already exists and is not empty; pass --overwrite true")
+    # no checkpoint there: the refusal does not suggest resuming, and resuming says why it cannot
+    assert "--resume_from_checkpoint" not in capsys.readouterr().err
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, out, data, "--resume_from_checkpoint", "true"),
+                   r"holds no checkpoint-N to continue from")
+    # a mistyped model path is refused before --overwrite moves the finished run aside
+    assert_refused(capsys, lambda: sft_main(tmp_path / "typo", out, data, "--overwrite", "true"), "does not exist")
+    assert (out / "keep.txt").is_file() and not list(tmp_path.glob("out.old-*"))
     assert sft_main(tiny_hf_dir, out, data, "--overwrite", "true") == 0
     backups = list(tmp_path.glob("out.old-*"))
     assert len(backups) == 1 and (backups[0] / "keep.txt").read_text() == "finished work"
+    (tmp_path / "afile").write_text("x")
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "afile", data), "afile exists and is a file")
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_hf_dir, weightless)
+    (weightless / "model.safetensors").unlink()
+    assert_refused(capsys, lambda: sft_main(weightless, tmp_path / "o5", data), "has a config.json but no weights")
+
+
+def test_a_grpo_recipe_repeats_its_run(tmp_path):
+    # GRPOConfig derives generation_batch_size from steps_per_generation and refuses to be given both
+    from trl import GRPOConfig
+
+    from align.recipe import parse_recipe, save_recipe
+    from align.stages.common import RECIPE_SKIP
+
+    config = GRPOConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=8, num_generations=4,
+                        report_to="none", bf16=False)
+    save_recipe(tmp_path, config, skip=RECIPE_SKIP)
+    (again,) = parse_recipe((GRPOConfig,), ["--config", str(tmp_path / "recipe.yaml")])
+    assert (again.generation_batch_size, again.steps_per_generation) == (8, 1)
 
 
 def test_overwrite_of_the_current_directory_is_refused(tiny_hf_dir, tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
 from align.hardware import bf16_supported, device_type, hardware_defaults
 from align.recipe import parse_recipe, save_recipe
-from align.runs import holds_cwd, prepare_output_dir, write_json
+from align.runs import holds_cwd, prepare_output_dir, truncate_log, write_json
 
 DEMO = "demo"
 
@@ -30,7 +30,11 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run is stopped before anything broken is saved."""
 
 
-USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NonFiniteLossError)
+USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)
+# Not written to recipe.yaml: how this invocation treated output_dir, and GRPO's generation_batch_size, which its
+# config derives from steps_per_generation (and the process count) and refuses to be given alongside it.
+RECIPE_SKIP = ("overwrite", "resume_from_checkpoint", "generation_batch_size")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def log(message: str) -> None:
@@ -127,20 +131,24 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     Then seeds every RNG with the recipe's seed: the Trainer seeds only once built, after the models, and a new
     head (the reward model's score) or LoRA weights would otherwise start from the process's random seed."""
     out = Path(training_args.output_dir)
-    resume = resume_arg(training_args) is not None
-    if out.is_dir() and any(out.iterdir()) and not (resume or data_args.overwrite):
-        resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume else ""
+    resume = resume_arg(training_args)
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    if resume is True and not checkpoints:
+        raise StageError(f"--resume_from_checkpoint true: {out} holds no checkpoint-N to continue from (a run saves "
+                         "them with --save_strategy steps --save_steps N); start again with --overwrite true")
+    if out.is_dir() and any(out.iterdir()) and not (resume is not None or data_args.overwrite):
+        resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume and checkpoints else ""
         raise FileExistsError(
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
             f"directory is kept as a backup), {resume_hint}or choose another --output_dir"
         )
-    if out.is_dir() and any(out.iterdir()) and data_args.overwrite and not resume and holds_cwd(out):
+    if out.is_dir() and any(out.iterdir()) and data_args.overwrite and resume is None and holds_cwd(out):
         raise FileExistsError(f"output directory {out} is (or holds) the current directory, which --overwrite would "
                               "move aside under your shell; choose another --output_dir")
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
-        prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume)
+        prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
     state.wait_for_everyone()
     set_seed(training_args.seed)
     return out
@@ -175,6 +183,9 @@ def check_model_dir(path: str | None, what: str, argument: str, kind: str = "cau
         hint = ("it looks like a pretraining checkpoint: export it with `align export CKPT --out DIR` first"
                 if (local / "gpt_config.json").is_file() else "pass the directory a stage or `align export` wrote")
         raise FileNotFoundError(f"{what} {path} has no config.json, so it is not a Hugging Face model; {hint}")
+    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{what} {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:3])}): "
+                                "an incomplete copy or a damaged run; write it again")
     try:
         config = AutoConfig.from_pretrained(path)  # a local directory, or a hub name (org/name) to download
     except (OSError, ValueError) as e:
@@ -484,6 +495,10 @@ class JsonlLogger(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0:  # resumed: the steps after the checkpoint again
+            truncate_log(self.path, state.global_step)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
@@ -519,7 +534,17 @@ def save_model(trainer, model, tokenizer, out: Path, merge_lora: bool) -> None:
 def train_and_evaluate(trainer, training_args) -> dict:
     """Train (resuming when asked), then evaluate when there is an eval set: the last logged training step's
     metrics, the trainer's train summary and the final eval metrics, in one flat dict."""
-    summary = trainer.train(resume_from_checkpoint=resume_arg(training_args)).metrics
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = resume_arg(training_args)
+    resumed_from = None
+    if resume is not None:  # transformers' train_* summary (train_loss, num_tokens) then covers only the steps run now
+        checkpoint = Path(get_last_checkpoint(training_args.output_dir) if resume is True else resume)
+        if (checkpoint / "trainer_state.json").is_file():
+            resumed_from = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
+    summary = trainer.train(resume_from_checkpoint=resume).metrics
+    if resumed_from is not None:
+        summary["resumed_from_step"] = resumed_from
     steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not
              any(k.startswith("eval_") for k in log)]
     # The final step even when no step was logged (max_steps < logging_steps).
@@ -535,8 +560,7 @@ def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, 
         return
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(out / "metrics.json", {"stage": stage, "num_processes": PartialState().num_processes, **metrics})
-    # overwrite/resume say how this invocation treated the directory, not what the run is
-    save_recipe(out, *configs, notes={"base model": base}, skip=("overwrite", "resume_from_checkpoint"))
+    save_recipe(out, *configs, notes={"base model": base}, skip=RECIPE_SKIP)
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss", "objective/"))}
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     (out / "README.md").write_text(f"""---

@@ -162,8 +162,8 @@ def build_trainer(script_args: RewardArguments, training_args: RewardConfig, mod
     from transformers import AutoModelForSequenceClassification
 
     require_eval_data(script_args, training_args)
+    path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")  # before --overwrite
     out = start_run(training_args, script_args)
-    path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")
     tokenizer = load_tokenizer(path)
     require_pad(tokenizer, path, "reward")
     if not assistant_turn_ends_with_eos(tokenizer):

@@ -39,8 +39,8 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
     from transformers import AutoModelForCausalLM
 
     require_eval_data(script_args, training_args)
+    path = check_model_dir(model_args.model_name_or_path, "base model", "model_name_or_path")  # before --overwrite
     out = start_run(training_args, script_args)
-    path = check_model_dir(model_args.model_name_or_path, "base model", "model_name_or_path")
     tokenizer = load_tokenizer(path)
     added = add_missing_tokens(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
