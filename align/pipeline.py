@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
-from align.runs import read_json, write_json
+from align.runs import WEIGHT_FILES, read_json, write_json
 
 STAGES = ("pretrain", "base", "sft", "reward", "ppo", "eval", "report")
 MODELS = ("base", "sft", "ppo")  # evaluated and compared, in this order
@@ -55,8 +55,7 @@ def stage_recipe(preset: str, stage: str) -> Path:
 
 def has_model(directory: Path) -> bool:
     """An HF model directory with its config and weights (a damaged copy may have lost either)."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    return (directory / "config.json").is_file() and any((directory / w).is_file() for w in weights)
+    return (directory / "config.json").is_file() and any((directory / w).is_file() for w in WEIGHT_FILES)
 
 
 def newest_file(directory: Path) -> float:

@@ -17,7 +17,7 @@ from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
 from align.hardware import bf16_supported, device_type, hardware_defaults
 from align.recipe import parse_recipe, save_recipe
-from align.runs import holds_cwd, prepare_output_dir, truncate_log, write_json
+from align.runs import WEIGHT_FILES, holds_cwd, prepare_output_dir, truncate_log, write_json
 
 DEMO = "demo"
 
@@ -34,7 +34,6 @@ USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NotADi
 # Not written to recipe.yaml: how this invocation treated output_dir, and GRPO's generation_batch_size, which its
 # config derives from steps_per_generation (and the process count) and refuses to be given alongside it.
 RECIPE_SKIP = ("overwrite", "resume_from_checkpoint", "generation_batch_size")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def log(message: str) -> None:
