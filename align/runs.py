@@ -10,7 +10,8 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 # What an HF model directory holds its weights in (one of them), besides config.json
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def has_contents(path: str | Path) -> bool:
