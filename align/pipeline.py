@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides],
                              prog="align pipeline")
     out = Path(args.out)
-    Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
+    try:
+        Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
+    except KeyboardInterrupt:  # the stage's own process saw the Ctrl-C too, and said what it kept
+        print("\nalign pipeline: interrupted; the same command continues (finished stages are skipped)",
+              file=sys.stderr)
+        return 130
     save_recipe(out, config, notes={"preset": args.preset})
     return 0

@@ -99,6 +99,13 @@ def test_compare_bad_inputs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "run `align eval --model" in capsys.readouterr().err
+    good = results_file(tmp_path / "good.json", {"demo_accuracy": (0.5, 0.05, 100)})
+    (tmp_path / "bad.json").write_text("{bad")
+    assert report.main([str(good), str(tmp_path / "bad.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "bad.json: not a readable JSON file" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert report.main([str(good), str(tmp_path / "other.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "other.json is not a results file of `align eval`" in capsys.readouterr().err
     with pytest.raises(report.CompareError, match="2 --names for 1 inputs"):
         report.build_report([results_file(tmp_path / "x.json", {})], tmp_path / "r", names=["a", "b"], prompts=None)
 

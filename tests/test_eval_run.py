@@ -176,6 +176,9 @@ def test_model_dir_missing_or_not_loadable(eval_home, tmp_path, capsys):
     (broken / "config.json").write_text('{"model_type": "llama"}')
     assert run_eval(["--model", str(broken), "--tasks", "arc_easy"], tmp_path)[0] == 2
     assert "could not load the model in" in capsys.readouterr().err
+    (broken / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}')
+    assert run_eval(["--model", str(broken), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "is a sequence classifier (LlamaForSequenceClassification, e.g. a reward model)" in capsys.readouterr().err
 
 
 def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, capsys):

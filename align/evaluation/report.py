@@ -106,7 +106,11 @@ def find_logs(dirs: list[Path]) -> dict[str, list[dict]]:
 def load_entry(path: str | Path, name: str | None = None, extra: dict | None = None) -> dict:
     path = Path(path)
     results_file, model_dir = find_results(path)
-    report = read_json(results_file) if results_file else {}
+    report = read_json_arg("results", str(results_file)) if results_file else {}
+    if results_file and (not isinstance(report, dict) or not isinstance(report.get("summary"), list)):
+        if path.is_file():  # named as results: say it is not; found in a directory (a trainer's file): none here
+            raise CompareError(f"{results_file} is not a results file of `align eval` (no 'summary' list of metrics)")
+        results_file, report = None, {}
     if model_dir is None and report.get("align", {}).get("model") and Path(report["align"]["model"]).is_dir():
         model_dir = Path(report["align"]["model"])
     metrics = {row["metric"]: {k: row.get(k) for k in ("value", "stderr", "n", "chance", "higher_is_better")}

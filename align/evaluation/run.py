@@ -56,6 +56,10 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
     if not (path / "config.json").is_file():
         raise EvalError(f"--model {path} is not a Hugging Face model directory (no config.json); "
                         "export a pretraining checkpoint with `align export CKPT --out DIR`")
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):  # its LM head would be untrained, or missing
+        raise EvalError(f"--model {path} is a sequence classifier ({archs[0]}, e.g. a reward model), not a language "
+                        "model; evaluate the SFT or PPO model instead")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     try:
