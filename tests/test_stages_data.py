@@ -253,6 +253,19 @@ def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path, 
     assert_refused(capsys, lambda: sft_main(weightless, tmp_path / "o5", data), "has a config.json but no weights")
 
 
+def test_a_resumed_stage_logs_each_step_once_and_says_where_it_resumed(tiny_hf_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 8)
+    out = tmp_path / "out"
+    save = ["--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3", "--save_total_limit", "5"]
+    assert sft_main(tiny_hf_dir, out, data, *save) == 0
+    logged = [json.loads(line)["step"] for line in (out / "sft_log.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoint-3")  # as if killed after step 3 was logged but before it was saved
+    (out / "metrics.json").unlink()
+    assert sft_main(tiny_hf_dir, out, data, *save, "--resume_from_checkpoint", "true") == 0
+    assert [json.loads(line)["step"] for line in (out / "sft_log.jsonl").read_text().splitlines()] == logged
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
+
+
 def test_a_grpo_recipe_repeats_its_run(tmp_path):
     # GRPOConfig derives generation_batch_size from steps_per_generation and refuses to be given both
     from trl import GRPOConfig
