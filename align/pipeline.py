@@ -129,9 +129,23 @@ class Pipeline:
         env = dict(os.environ)
         if not sys.stderr.isatty():  # a log file: progress bars every 30 s rather than several times a second
             env.setdefault("TQDM_MININTERVAL", "30")
-        result = subprocess.run(cmd, env=env)
-        if result.returncode != 0:
-            raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {result.returncode}); fix the "
+        process = subprocess.Popen(cmd, env=env)
+        interrupts = 0
+        while True:
+            try:
+                returncode = process.wait()
+                break
+            except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the stage too: let it save and stop
+                interrupts += 1
+                if interrupts == 1:
+                    print("\n[pipeline] Ctrl-C: waiting for the stage to stop (pretraining saves a checkpoint first)",
+                          file=sys.stderr, flush=True)
+                elif interrupts >= 3:
+                    process.kill()
+        if interrupts:
+            raise KeyboardInterrupt
+        if returncode != 0:
+            raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {returncode}); fix the "
                              f"cause and run the same command again: finished stages are skipped")
 
     def train_stage(self, stage: str, *args: str) -> None:
@@ -329,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
-    except KeyboardInterrupt:  # the stage's own process saw the Ctrl-C too, and said what it kept
-        print("\nalign pipeline: interrupted; the same command continues (finished stages are skipped)",
-              file=sys.stderr)
+    except KeyboardInterrupt:
+        print("align pipeline: interrupted; the same command continues (finished stages are skipped, pretraining "
+              "resumes from its last checkpoint)", file=sys.stderr)
         return 130
     save_recipe(out, config, notes={"preset": args.preset})
     return 0

@@ -304,10 +304,16 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
     root = output_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in root.glob(".tmp-step-*"):  # saves cut short (killed); the run's lock keeps others out
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:  # a second Ctrl-C, a full disk: no partial copy of the model and optimizer left behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()  # every rank has written its own files (its RNG state) before the rename
     full = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -284,10 +284,11 @@ def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
         model.generate(idx[:0], 3)
     for kwargs, message in ((dict(eos_token_id=[]), "eos_token_id"), (dict(temperature=float("nan")), "temperature"),
                             (dict(temperature=float("inf")), "temperature"), (dict(top_k=2.5), "top_k"),
-                            (dict(temperature=None), "temperature"), (dict(temperature="1"), "temperature")):
+                            (dict(temperature=None), "temperature"), (dict(temperature="1"), "temperature"),
+                            (dict(top_p="0.5"), "top_p"), (dict(top_k="2"), "top_k")):
         with pytest.raises(ValueError, match=message):
             model.generate(idx, 3, **kwargs)
-    for bad_length in (True, 2.0, "3"):
+    for bad_length in (True, 2.0, "3", torch.tensor([2])):
         with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
             model.generate(idx, bad_length)
 

@@ -210,8 +210,10 @@ def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
     assert not (out / "hf").exists()
     monkeypatch.setattr(BatchLoader, "batch", original)
+    (out / "checkpoints" / ".tmp-step-000007").mkdir()  # a save that was cut short (a kill, a second Ctrl-C)
     assert run(recipe, out, "--resume") == 0
     assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # swept by the next save
     # resuming a finished run does not train again, and says so
     capsys.readouterr()
     assert run(recipe, out, "--resume") == 0

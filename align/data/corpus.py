@@ -9,9 +9,9 @@ import json
 import os
 import platform
 import re
+import sys
 import sysconfig
 import unicodedata
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -71,6 +71,9 @@ def local_files(spec: str) -> list[Path]:
     return files
 
 
+_WARNED_DIRECTORIES: set[Path] = set()
+
+
 def _directory_files(root: Path) -> list[Path]:
     """The supported files under a directory, following symlinked directories (each real one once) and skipping
     hidden ones (.git, .cache); the files of other types are left out, and said."""
@@ -89,9 +92,10 @@ def _directory_files(root: Path) -> list[Path]:
             if name.startswith(".") or not f.is_file():
                 continue
             (files if _supported(f) else skipped).append(f)
-    if skipped:
-        warnings.warn(f"{root}: skipped {len(skipped)} file(s) of other types (e.g. {skipped[0]}); sources are "
-                      f"{', '.join(LOCAL_SUFFIXES)} files, optionally .gz", stacklevel=2)
+    if skipped and root not in _WARNED_DIRECTORIES:  # once: a source is listed for the check, the key and reading
+        _WARNED_DIRECTORIES.add(root)
+        print(f"[data] warning: {root}: skipped {len(skipped)} file(s) of other types (e.g. {skipped[0]}); sources "
+              f"are {', '.join(LOCAL_SUFFIXES)} files, optionally .gz", file=sys.stderr)
     return sorted(files)
 
 

@@ -357,8 +357,9 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.size(0) == 0 or idx.size(1) == 0:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids with at least one row and at least "
                              f"one token per row, got shape {tuple(idx.shape)}")
-        try:  # any integer type (numpy's, a 0-d tensor), but not a bool or a float
-            n_new = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
+        try:  # any integer type (numpy's, a 0-d tensor), but not a bool, a float or a 1-d tensor
+            one_d = isinstance(max_new_tokens, torch.Tensor) and max_new_tokens.dim() > 0
+            n_new = None if isinstance(max_new_tokens, bool) or one_d else operator.index(max_new_tokens)
         except TypeError:
             n_new = None
         if n_new is None or n_new < 0:
@@ -413,9 +414,9 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
     if isinstance(temperature, (str, bool)) or not isinstance(temperature, (numbers.Real, torch.Tensor)) \
             or not temperature >= 0 or math.isinf(temperature):  # also refuses NaN
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+    if top_k is not None and (isinstance(top_k, (str, bool)) or int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (isinstance(top_p, (str, bool)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
