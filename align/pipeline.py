@@ -54,7 +54,9 @@ def stage_recipe(preset: str, stage: str) -> Path:
 
 
 def has_model(directory: Path) -> bool:
-    """An HF model directory with its config and weights (a damaged copy may have lost either)."""
+    """An HF model directory with its config and weights (a damaged copy may have lost either), or a PEFT adapter."""
+    if (directory / "adapter_config.json").is_file():
+        return any((directory / w).is_file() for w in ("adapter_model.safetensors", "adapter_model.bin"))
     return (directory / "config.json").is_file() and any((directory / w).is_file() for w in WEIGHT_FILES)
 
 
