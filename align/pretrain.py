@@ -25,7 +25,8 @@ from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import has_contents, holds_cwd, lock_run_dir, prepare_output_dir, truncate_log, write_json
+from align.runs import (has_contents, holds_cwd, lock_run_dir, prepare_output_dir, read_log, truncate_log,
+                        write_json)
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -634,7 +635,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     if last_val is None:
         last_val = evaluate()
     if log_path.is_file():  # the run's whole log: after a resume the summary covers what an uninterrupted run's does
-        logged = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        logged = read_log(log_path)
         recent = [r["loss"] for r in logged[-10:]] or recent
         rates = rates or [r["tokens_per_sec"] for r in logged]
     steady = rates[1:] or rates
@@ -747,14 +748,7 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, outp
                        what: str | None = None) -> str:
     what = what or ("loss" if not math.isfinite(loss) else "gradient norm")
     ckpts = checkpoint_dirs(output_dir)
-    losses = {}
-    if (output_dir / LOG_FILE).is_file():
-        for line in (output_dir / LOG_FILE).read_text().splitlines():
-            try:
-                record = json.loads(line)
-                losses[int(record["step"])] = float(record["loss"])
-            except (ValueError, KeyError, TypeError):
-                continue
+    losses = {r["step"]: r["loss"] for r in read_log(output_dir / LOG_FILE) if "step" in r and "loss" in r}
     if not ckpts:
         advice = ("no checkpoint was saved yet. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
                   "and start again")

@@ -83,6 +83,17 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a line cut off by a kill (or blank) is left out."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines after `step`: a killed run may have logged steps that its last checkpoint does not hold."""
     if not path.is_file():

@@ -56,8 +56,11 @@ def local_files(spec: str) -> list[Path]:
         files = [path]
     elif glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
-        real = {}  # one path per file: `**` through a symlinked directory (or a loop) finds files again
-        files = [real.setdefault(os.path.realpath(p), p) for p in matches if os.path.realpath(p) not in real]
+        files, seen = [], set()  # one path per file: `**` through a symlinked directory (or a loop) finds files again
+        for match in matches:
+            if os.path.realpath(match) not in seen:
+                seen.add(os.path.realpath(match))
+                files.append(match)
     else:
         raise DataError(
             f"data source {spec!r} not found (working directory {os.getcwd()}). A source is a file, directory or "

@@ -406,13 +406,11 @@ def _process_running(pid: int) -> bool:
 def replace_dir_atomically(tmp_dir: Path, out_dir: Path) -> None:
     """Move a finished tmp_dir to out_dir; an existing out_dir is only removed once the new one is in place."""
     old = None
-    if out_dir.exists() or out_dir.is_symlink():
+    if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
     os.replace(tmp_dir, out_dir)
-    if old is not None and old.is_symlink():
-        old.unlink()
-    elif old is not None:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 

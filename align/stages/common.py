@@ -131,12 +131,12 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     head (the reward model's score) or LoRA weights would otherwise start from the process's random seed."""
     out = Path(training_args.output_dir)
     resume = resume_arg(training_args)
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-    if resume is True and not checkpoints:
+    has_checkpoint = out.is_dir() and any(out.glob("checkpoint-*"))
+    if resume is True and not has_checkpoint:
         raise StageError(f"--resume_from_checkpoint true: {out} holds no checkpoint-N to continue from (a run saves "
                          "them with --save_strategy steps --save_steps N); start again with --overwrite true")
     if out.is_dir() and any(out.iterdir()) and not (resume is not None or data_args.overwrite):
-        resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume and checkpoints else ""
+        resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume and has_checkpoint else ""
         raise FileExistsError(
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
             f"directory is kept as a backup), {resume_hint}or choose another --output_dir"
