@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -29,3 +31,15 @@ def hardware_defaults(args) -> None:
         args.fp16 = False
     elif not bf16_supported():
         args.bf16 = False
+
+
+def unsharded_warning(distributed_type) -> str | None:
+    """What to tell the user when an FSDP or DeepSpeed accelerate config runs as plain data parallel.
+
+    `accelerate launch` passes the config's choice on as ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED, and
+    Accelerate quietly drops both on CPU processes: without a word the run would pass for a sharded one."""
+    for asked in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{asked}", "").lower() == "true" and distributed_type.value != asked:
+            return (f"the accelerate config asks for {asked}, but Accelerate runs CPU processes as "
+                    f"{distributed_type.value} (every process holds the whole model; nothing is sharded)")
+    return None

@@ -20,7 +20,7 @@ import torch
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, shards_digest
-from align.hardware import bf16_supported, device_type
+from align.hardware import bf16_supported, device_type, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
@@ -402,9 +402,8 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     main = accelerator.is_main_process
     log = print if main else (lambda *a, **k: None)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
-        log(f"[pretrain] warning: the accelerate config asks for FSDP, but Accelerate runs CPU processes as "
-            f"{accelerator.distributed_type.value} (every process holds the whole model; nothing is sharded)")
+    if unsharded := unsharded_warning(accelerator.distributed_type):
+        log(f"[pretrain] warning: {unsharded}")
     # Accelerate warns on every save that it dropped lm_head.weight, which is tied to wte.weight: expected here.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     torch.backends.cuda.matmul.allow_tf32 = True

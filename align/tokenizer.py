@@ -41,7 +41,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     def documents():
         nonlocal has_text
-        for text in texts:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is of type {type(text).__name__}, not str: every document must be text")
             has_text = has_text or bool(text.strip())
             yield text
 

@@ -48,6 +48,12 @@ def test_config_round_trips_through_json(tmp_path):
     assert GPTConfig.load(tmp_path / "c.json") == config
     with pytest.raises(ValueError, match="unknown GPTConfig field"):
         GPTConfig.from_dict({**config.to_dict(), "n_layers": 3})
+    import numpy as np
+
+    from_numpy = tiny_config(n_layer=np.int64(2), intermediate_size=np.int32(96))  # sizes computed with numpy
+    assert type(from_numpy.n_layer) is int and type(from_numpy.intermediate_size) is int
+    from_numpy.save(tmp_path / "numpy.json")
+    assert GPTConfig.load(tmp_path / "numpy.json") == from_numpy
 
 
 def test_intermediate_size_defaults():
@@ -251,6 +257,29 @@ def test_top_p_keeps_only_the_nucleus():
     assert share0 == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalised within the nucleus
     assert set(sample_next_token(logits, top_p=0.4, generator=gen).tolist()) == {0}
     assert len(set(sample_next_token(logits, top_p=1.0, generator=gen).tolist())) == 4
+
+
+def test_top_p_keeps_the_tokens_transformers_keeps_and_all_of_them_at_one(monkeypatch):
+    """Over a wide vocabulary with a long tail: the nucleus is transformers' `TopPLogitsWarper`'s, and top_p=1
+    filters nothing (a running sum from the top reaches 1.0 in fp32 before the tail's mass is counted)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
+    sampled_from = {}
+    multinomial = torch.multinomial
+
+    def spy(probs, num_samples, generator=None):
+        sampled_from["probs"] = probs
+        return multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    for top_p in (1.0, 0.9999, 0.99, 0.9, 0.5, 1e-6):
+        sample_next_token(logits, top_p=top_p)
+        kept = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
+        assert torch.equal(sampled_from["probs"] > 0, kept), top_p
+    assert (sampled_from["probs"] > 0).sum(dim=-1).eq(1).all()  # a tiny top_p keeps the top token only
+    sample_next_token(logits, top_p=1.0)
+    assert (sampled_from["probs"] > 0).all()
 
 
 def test_top_k_keeps_the_k_most_likely():

@@ -444,6 +444,14 @@ def test_unknown_tracker_is_refused(setup, capsys):
         assert "the mlflow package is not installed" in capsys.readouterr().err and not (tmp / "tracker").exists()
 
 
+def test_an_fsdp_config_on_cpu_says_it_runs_unsharded(setup, monkeypatch, capsys):
+    """`accelerate launch --config_file fsdp.yaml` sets ACCELERATE_USE_FSDP; on CPU Accelerate drops it silently."""
+    tmp, recipe = setup
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert run(recipe, tmp / "fsdp-on-cpu", "--max_steps", "1") == 0
+    assert "asks for FSDP, but Accelerate runs CPU processes as NO" in capsys.readouterr().out
+
+
 def test_the_saved_recipe_repeats_the_run(setup, reference):
     """recipe.yaml holds the resolved settings (not how the directory was treated) and is a recipe itself."""
     tmp, _ = setup

@@ -91,6 +91,10 @@ def test_no_text_to_train_on_is_a_clear_error():
             train_tokenizer(texts, 300)
     with pytest.raises(TypeError, match="not one string"):
         train_tokenizer("one document passed bare", 300)
+    for texts, bad in (([5, "abc abc"], r"texts\[0\] is of type int"),
+                       (["abc abc", None], r"texts\[1\] is of type None"), ([b"abc"], r"texts\[0\] is of type bytes")):
+        with pytest.raises(TypeError, match=bad):
+            train_tokenizer(texts, 300)
 
 
 def test_a_users_tokenizer_gets_pad_roles_and_a_template_closed_by_its_own_eos():

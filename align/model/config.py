@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ MLPS = ("swiglu", "gelu")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # a JSON/YAML true is not a layer count
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # a JSON/YAML true is no layer count
 
 
 def _is_number(value) -> bool:
@@ -45,6 +46,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))  # numpy's integers too, stored as plain ints (JSON, HF configs)
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
@@ -79,6 +81,7 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.intermediate_size must be a positive integer or null, got {self.intermediate_size!r}"
             )
+        self.intermediate_size = int(self.intermediate_size)
 
     @property
     def head_dim(self) -> int:

@@ -438,10 +438,13 @@ def sample_next_token(
         kth = torch.topk(logits, min(int(top_k), logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
-        outside = probs.cumsum(dim=-1) - probs >= top_p
+        # Drop a token when it and every less likely token hold at most 1 - top_p of the mass (so the tokens
+        # ranked above it already cover top_p); the top token always stays. Summed from the least likely up,
+        # as transformers does: a running sum from the top reaches 1.0 in fp32 before the tail, and would cut
+        # tokens even at top_p = 1.
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        outside = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        outside[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -15,7 +15,7 @@ from transformers import TrainerCallback, set_seed
 
 from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
-from align.hardware import bf16_supported, device_type, hardware_defaults
+from align.hardware import bf16_supported, device_type, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
 from align.runs import WEIGHT_FILES, holds_cwd, prepare_output_dir, truncate_log, write_json
 
@@ -535,6 +535,8 @@ def train_and_evaluate(trainer, training_args) -> dict:
     metrics, the trainer's train summary and the final eval metrics, in one flat dict."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    if unsharded := unsharded_warning(trainer.accelerator.distributed_type):
+        log(f"warning: {unsharded}")
     resume = resume_arg(training_args)
     resumed_from = None
     if resume is not None:  # transformers' train_* summary (train_loss, num_tokens) then covers only the steps run now

@@ -14,6 +14,7 @@ from trl import ModelConfig
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known and pinned: trl>=1.9,<1.13
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
+from align.hardware import unsharded_warning
 from align.stages.common import (
     DataArguments,
     JsonlLogger,
@@ -24,6 +25,7 @@ from align.stages.common import (
     fit_model_to_tokenizer,
     load_stage_data,
     load_tokenizer,
+    log,
     model_kwargs,
     peft_config_for,
     require_pad,
@@ -191,6 +193,8 @@ def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_arg
 def run(script_args: PPOArguments, training_args: PPOConfig, model_args: ModelConfig) -> dict:
     trainer, out, monitor = build_trainer(script_args, training_args, model_args)
     start = time.time()
+    if unsharded := unsharded_warning(trainer.accelerator.distributed_type):
+        log(f"warning: {unsharded}")
     trainer.train()
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     metrics.update({
