@@ -19,14 +19,14 @@ import torch
 
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
-from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, shards_digest
+from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
 from align.hardware import bf16_supported, device_type, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import (has_contents, holds_cwd, lock_run_dir, prepare_output_dir, read_log, truncate_log,
-                        write_json)
+from align.runs import (OutputDirError, check_output_path, has_contents, holds_cwd, lock_run_dir,
+                        prepare_output_dir, read_log, truncate_log, write_json)
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -372,6 +372,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
             f"lower --block_size to at most {arch.block_size} or use a model with a longer context"
         )
     output_dir = Path(cfg.output_dir)
+    check_output_path(output_dir)
     if output_dir.is_dir() and has_contents(output_dir) and not (cfg.resume or cfg.overwrite):
         prepare_output_dir(output_dir)  # raises the standard "exists; --resume or --overwrite" error
     use_init_tokenizer(cfg, data_cfg)
@@ -411,7 +412,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
 
     with accelerator.local_main_process_first():
         data_dir = prepare_data(data_cfg, log=log)
-    tokenizer = AutoTokenizer.from_pretrained(data_dir / TOKENIZER_DIR)
+    tokenizer = load_data_tokenizer(data_dir)
     tok_hash = tokenizer_hash(tokenizer)
     data_digest = shards_digest(data_dir)
     if world > 1:  # each rank found its data itself: a source edited meanwhile gives it another cache key and tokens
@@ -681,8 +682,12 @@ def check_resumable(ckpt: Path, output_dir: Path, model: GPT, tok_hash: str) -> 
             f"the settings it was trained with ({output_dir / RECIPE_FILE}), or start a new --output_dir"
         )
     run_tokenizer = output_dir / TOKENIZER_DIR
-    trained_with = (tokenizer_hash(AutoTokenizer.from_pretrained(run_tokenizer))
-                    if (run_tokenizer / "tokenizer.json").is_file() else tok_hash)
+    try:
+        trained_with = (tokenizer_hash(AutoTokenizer.from_pretrained(run_tokenizer))
+                        if (run_tokenizer / "tokenizer.json").is_file() else tok_hash)
+    except Exception as e:  # a damaged copy: json, tokenizers and transformers each fail in their own way
+        raise DataError(f"--resume: the run's tokenizer in {run_tokenizer} cannot be loaded ({type(e).__name__}: "
+                        f"{e}); restore it (the data's own is in data_dir/{TOKENIZER_DIR}) or delete it") from None
     if trained_with != tok_hash:
         raise DataError(
             f"--resume: the run was trained with the tokenizer in {run_tokenizer}, but the data settings now give "
@@ -719,7 +724,15 @@ def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig
 
     import yaml
 
-    old = yaml.safe_load(recipe_path.read_text()) or {}
+    try:
+        old = yaml.safe_load(recipe_path.read_text())
+        reason = "not a mapping of setting: value"
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        old, reason = None, f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if not isinstance(old, dict):  # the checkpoints, not this file, decide what may resume; the run goes on
+        log(f"[pretrain] note: {recipe_path} cannot be read ({reason}), so changed settings cannot be reported; "
+            "it is written again now")
+        return []
     new = {**dataclasses.asdict(data_cfg), **dataclasses.asdict(cfg)}
     # output_dir is the directory being resumed, however spelt (a relative path, a copied run): not a setting
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k]
@@ -731,7 +744,7 @@ def _report_changes(recipe_path: Path, cfg: PretrainConfig, data_cfg: DataConfig
 
 def _noted(recipe_path: Path, key: str) -> str | None:
     """A note save_recipe wrote into recipe.yaml as a `# key: value` comment."""
-    for line in recipe_path.read_text().splitlines():
+    for line in recipe_path.read_text(errors="replace").splitlines():
         if line.startswith(f"# {key}: "):
             return line[len(f"# {key}: "):]
     return None
@@ -783,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align pretrain")
         result = train(cfg, data_cfg)
-    except (ConfigError, DataError, FileExistsError, NotADirectoryError, PermissionError) as e:
+    except (ConfigError, DataError, FileExistsError, NotADirectoryError, PermissionError, OutputDirError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, MemoryError) as e:

@@ -47,6 +47,8 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str = "al
 def _parse(parser: RecipeParser, argv: list[str]):
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     flags, config_path, data = argv, None, {}
+    if argv.count("--config") > 1:
+        raise RecipeError("--config is given more than once: a run has one recipe (override its values with --key value)")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
@@ -102,7 +104,15 @@ def _type_problem(annotation, value) -> str | None:
             return None
         annotation = args[0]
     if typing.get_origin(annotation) is list:
-        return None if isinstance(value, (list, str)) else f"expected a list, got {value!r}"
+        if isinstance(value, str):  # one item, which the config makes a list of
+            return None
+        if not isinstance(value, list):
+            return f"expected a list, got {value!r}"
+        item_type = (typing.get_args(annotation) or (None,))[0]
+        for i, item in enumerate(value, start=1):
+            if problem := _type_problem(item_type, item):
+                return f"list item {i}: {problem}"
+        return None
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation)
     if expected is None or isinstance(value, str):  # a string is for argparse to convert (or refuse)
         return None
@@ -119,8 +129,14 @@ def read_recipe(path: Path) -> dict:
     """A recipe file's mapping of field: value, or a RecipeError naming the file."""
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found (recipes live in recipes/<preset>/<stage>.yaml)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe {path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

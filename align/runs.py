@@ -39,6 +39,20 @@ def lock_run_dir(path: str | Path):
     return lock
 
 
+class OutputDirError(OSError):
+    """An output directory that cannot be made or used: a read-only file system, a name too long, no parent."""
+
+
+def check_output_path(path: str | Path) -> None:
+    """Refuse, before any work, an output path the system cannot even look up (a name too long, a symlink loop)."""
+    try:
+        Path(path).stat()
+    except (FileNotFoundError, NotADirectoryError):  # made later; a file in the way is refused there
+        pass
+    except OSError as e:
+        raise OutputDirError(f"cannot use output directory {path}: {e.strerror}; choose another --output_dir") from None
+
+
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create `path`, refusing an existing non-empty directory unless resuming or overwriting.
 
@@ -59,7 +73,11 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
         backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, backup)
         print(f"[align] moved the existing {path} to {backup}")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create output directory {path}: {e.strerror} ({e.filename}); choose another "
+                             "--output_dir") from None
     return path
 
 

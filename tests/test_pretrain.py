@@ -491,6 +491,52 @@ def test_missing_data_file(setup, capsys):
     tmp, recipe = setup
     assert run(recipe, tmp / "nodata", "--sources", str(tmp / "missing.jsonl"), "--data_dir", str(tmp / "d2")) == 2
     assert "missing.jsonl' not found" in capsys.readouterr().err
+    assert run(recipe, tmp / "nodata", "--sources", str(tmp / "none-*.jsonl"), "--data_dir", str(tmp / "d2")) == 2
+    assert "none-*.jsonl' matched no files" in capsys.readouterr().err
+    assert run(recipe, tmp / "nodata", "--sources", "", "--data_dir", str(tmp / "d2")) == 2  # not the working dir
+    assert "data source '' is not a source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(recipe), "--config", str(recipe)])
+    assert "--config is given more than once" in capsys.readouterr().err
+    assert not (tmp / "nodata").exists() and not (tmp / "d2").exists()
+
+
+def test_damaged_prepared_data_and_unusable_output_dirs(setup, reference, tmp_path, capsys):
+    """A prepared data_dir missing a shard or its tokenizer, an output_dir that cannot be made: clear errors."""
+    import shutil
+
+    tmp, recipe = setup
+    data = tmp_path / "data"
+    for damage, message in (
+        (lambda: next(data.glob("train_*.bin")).unlink(), "is missing or truncated"),
+        (lambda: shutil.rmtree(data / "tokenizer"), "holds no tokenizer.json"),
+        (lambda: (data / "tokenizer" / "tokenizer.json").write_text("{broken"), "cannot be loaded (JSONDecodeError"),
+    ):
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(tmp / "data", data)
+        damage()
+        assert run(recipe, tmp_path / "out", "--data_dir", str(data)) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    for out, message in ((tmp_path / ("x" * 300), "cannot use output directory"),
+                         (Path("/proc/no-such-dir/run"), "cannot create output directory")):
+        assert run(recipe, out) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_resume_past_a_damaged_recipe_file(setup, reference, tmp_path, capsys):
+    """The checkpoints decide what may resume; recipe.yaml only reports changed settings, so a damaged one is
+    noted and written again."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step-000012")
+    (out / "recipe.yaml").write_text("max_steps: [\n")
+    capsys.readouterr()
+    assert run(setup[1], out, "--resume") == 0
+    assert "recipe.yaml cannot be read (ParserError" in capsys.readouterr().out
+    assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
+    assert "max_steps: 12" in (out / "recipe.yaml").read_text()
 
 
 def test_shard_tokenizer_mismatch(setup, reference, tiny_tokenizer, capsys):
@@ -584,6 +630,9 @@ def test_activation_checkpointing_changes_memory_not_results(setup, reference):
     ("learning_rate: [1, 2]", "field learning_rate: expected a number, got [1, 2]"),
     ("sources: 5", "field sources: expected a list, got 5"),
     ("data_name: null", "field data_name: expected a string, got None"),
+    ("sources: [shakespeare, 1]", "field sources: list item 2: expected a string, got 1"),
+    ("sources: [[shakespeare]]", "field sources: list item 1: expected a string, got ['shakespeare']"),
+    ("seed: \xff", ":2: not UTF-8 text (byte 0xff)"),
 ])
 def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message):
     """YAML's own numbers, booleans and lists bypass argparse's conversions: they are checked against the fields."""
@@ -591,11 +640,11 @@ def test_recipe_values_of_the_wrong_type(setup, tmp_path, capsys, line, message)
     key = line.split(":")[0]
     kept = [row for row in recipe.read_text().splitlines() if not row.startswith(f"{key}:")]
     bad = tmp_path / "bad.yaml"
-    bad.write_text("\n".join(kept + [line]) + "\n")
+    bad.write_bytes(("\n".join(kept[:1] + [line] + kept[1:]) + "\n").encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
     with pytest.raises(SystemExit) as exit_info:
         run(bad, tmp_path / "out")
     assert exit_info.value.code == 2
-    assert f"recipe {bad}: {message}" in capsys.readouterr().err
+    assert f"recipe {bad}{'' if message.startswith(':') else ': '}{message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

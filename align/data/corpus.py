@@ -42,6 +42,9 @@ def check_sources(sources: list[str]) -> None:
     if not sources:
         raise DataError("no data sources: set `sources` in the recipe (e.g. [shakespeare, arithmetic] or data/*.jsonl)")
     for spec in sources:
+        if not isinstance(spec, str) or not spec.strip():
+            raise DataError(f"data source {spec!r} is not a source: each one is a path, a glob, `hf:NAME[:CONFIG]` "
+                            f"or one of {sorted(EMBEDDED)}")
         if spec in EMBEDDED or spec.startswith(HF_PREFIX):
             continue
         local_files(spec)
@@ -56,6 +59,8 @@ def local_files(spec: str) -> list[Path]:
         files = [path]
     elif glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"data source {spec!r} matched no files (working directory {os.getcwd()})")
         files, seen = [], set()  # one path per file: `**` through a symlinked directory (or a loop) finds files again
         for match in matches:
             if os.path.realpath(match) not in seen:

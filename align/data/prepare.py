@@ -29,8 +29,10 @@ from align.data.shards import (
     SPLITS,
     TOKENIZER_DIR,
     ShardWriter,
+    TokenShards,
     default_num_proc,
     encode_documents,
+    load_data_tokenizer,
     read_meta,
     token_dtype,
 )
@@ -156,6 +158,9 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
             f"data_dir {data_dir} was prepared from a different data config (differs in: {', '.join(changed)}); "
             "leave data_dir unset to get a directory per config, choose another data_dir, or delete this one"
         )
+    for split in SPLITS:  # every shard there, at its full size, and the tokenizer that made them loads
+        TokenShards(data_dir, split)
+    load_data_tokenizer(data_dir)
     return data_dir
 
 

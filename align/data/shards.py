@@ -147,6 +147,21 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def load_data_tokenizer(data_dir: str | Path):
+    """The tokenizer that made the shards in data_dir (its `tokenizer/`), or a DataError saying what is wrong."""
+    from transformers import AutoTokenizer
+
+    path = Path(data_dir) / TOKENIZER_DIR
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"{path} holds no tokenizer.json: {data_dir} is incomplete; delete it and prepare the data "
+                        "again (`align prepare-data`)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # json, tokenizers and transformers each fail in their own way on a damaged file
+        raise DataError(f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {e}); delete {data_dir} and "
+                        "prepare the data again (`align prepare-data`)") from None
+
+
 class TokenShards:
     """One split's tokens: memory-mapped shards, checked against meta.json and (optionally) the tokenizer."""
 

@@ -17,7 +17,8 @@ from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
 from align.hardware import bf16_supported, device_type, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
-from align.runs import WEIGHT_FILES, holds_cwd, prepare_output_dir, truncate_log, write_json
+from align.runs import (WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
+                        truncate_log, write_json)
 
 DEMO = "demo"
 
@@ -30,7 +31,8 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run is stopped before anything broken is saved."""
 
 
-USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)
+USER_ERRORS = (StageError, DataError, FileExistsError, FileNotFoundError, NotADirectoryError, NonFiniteLossError,
+               OutputDirError)
 # Not written to recipe.yaml: how this invocation treated output_dir, and GRPO's generation_batch_size, which its
 # config derives from steps_per_generation (and the process count) and refuses to be given alongside it.
 RECIPE_SKIP = ("overwrite", "resume_from_checkpoint", "generation_batch_size")
@@ -130,6 +132,7 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     Then seeds every RNG with the recipe's seed: the Trainer seeds only once built, after the models, and a new
     head (the reward model's score) or LoRA weights would otherwise start from the process's random seed."""
     out = Path(training_args.output_dir)
+    check_output_path(out)
     resume = resume_arg(training_args)
     has_checkpoint = out.is_dir() and any(out.glob("checkpoint-*"))
     if resume is True and not has_checkpoint:
