@@ -48,7 +48,8 @@ def _parse(parser: RecipeParser, argv: list[str]):
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     flags, config_path, data = argv, None, {}
     if argv.count("--config") > 1:
-        raise RecipeError("--config is given more than once: a run has one recipe (override its values with --key value)")
+        raise RecipeError("--config is given more than once: a run has one recipe (override its values with "
+                          "--key value)")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
@@ -134,7 +135,8 @@ def read_recipe(path: Path) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise RecipeError(f"recipe {path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") from None
+        raise RecipeError(f"recipe {path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") \
+            from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
