@@ -356,7 +356,7 @@ def train(cfg: PretrainConfig, data_cfg: DataConfig) -> dict:
 
 def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack) -> dict:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
