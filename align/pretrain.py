@@ -244,7 +244,9 @@ def build_model(cfg: PretrainConfig, arch: GPTConfig, tokenizer, log=print) -> G
             raise ConfigError(f"the tokenizer has token ids up to {id_limit(tokenizer) - 1} but init_from {src} has "
                               f"vocab_size {vocab}: it is not the model's tokenizer")
         # The pad and role tokens align adds to a tokenizer (HF checkpoints often have no spare rows for them).
-        grow_vocab(model, 64 * math.ceil(id_limit(tokenizer) / 64))
+        # Exactly as many rows as the tokenizer needs: rows past its ids, mean-initialised like the new ones, would
+        # take probability mass from the real tokens and raise the loss the run starts from (no rounding to 64).
+        grow_vocab(model, id_limit(tokenizer))
         log(f"[pretrain] init_from {src}: vocabulary grown from {vocab} to {model.config.vocab_size} rows for the "
             f"special tokens added to its tokenizer ({', '.join(beyond[i] for i in sorted(beyond))}); the new rows "
             "start as the mean of the existing ones")
