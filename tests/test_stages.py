@@ -2,6 +2,7 @@
 `accelerate launch` jobs; outputs load with AutoModel classes and generate through `pipeline` with chat messages."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -218,9 +219,9 @@ def test_ppo_with_lora_uses_the_disabled_adapter_as_reference(sft_dir, reward_di
     assert_generates(out)
 
 
-def test_bring_your_own_gpt2_without_pad_or_chat_template(tmp_path, run_dir):
-    """A GPT-2-style checkpoint whose tokenizer has only <|endoftext|>: SFT adds a pad token, the role tokens and
-    a chat template, grows the embeddings, and the result runs through pipeline with chat messages."""
+@pytest.fixture(scope="module")
+def foreign_gpt2(run_dir, sft_dir):
+    """A GPT-2-style checkpoint made with transformers whose tokenizer has only <|endoftext|> (no pad, no template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -233,18 +234,38 @@ def test_bring_your_own_gpt2_without_pad_or_chat_template(tmp_path, run_dir):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     assert tokenizer.pad_token is None and not tokenizer.chat_template
-    base = tmp_path / "gpt2"
+    base = run_dir / "foreign-gpt2"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
                     ).save_pretrained(base)
     tokenizer.save_pretrained(base)
+    return base
 
+
+def test_bring_your_own_gpt2_without_pad_or_chat_template(foreign_gpt2, tmp_path, run_dir):
+    """SFT adds a pad token, the role tokens and a chat template, grows the embeddings, and the result runs
+    through pipeline with chat messages."""
     out = tmp_path / "sft"
-    assert sft.main(sft_args(base, out, run_dir / "data")) == 0
+    assert sft.main(sft_args(foreign_gpt2, out, run_dir / "data")) == 0
     tuned = AutoTokenizer.from_pretrained(out)
     assert tuned.pad_token == "<|pad|>" and "<|assistant|>" in tuned.get_vocab()
     assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == len(tuned)
+    assert_generates(out)
+
+
+def test_dpo_and_grpo_from_a_model_whose_tokenizer_they_extend(foreign_gpt2, tmp_path, run_dir):
+    # TRL loads their reference model again from the model's path, which lacks the added tokens: the reference
+    # must be the grown start model itself (DPO's first loss is then exactly log 2: policy == reference).
+    out = tmp_path / "dpo"
+    assert dpo.main(dpo_args(foreign_gpt2, out, run_dir / "data")) == 0
+    first = json.loads((out / "dpo_log.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == 0.0 and abs(first["loss"] - math.log(2)) < 1e-6
+    assert not (out / "start-model").exists()
+    assert_generates(out)
+    out = tmp_path / "grpo"
+    assert grpo.main(grpo_args(foreign_gpt2, out, run_dir / "data")) == 0
+    assert not (out / "start-model").exists()
     assert_generates(out)
 
 

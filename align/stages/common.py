@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -267,6 +269,29 @@ def fit_model_to_tokenizer(model, tokenizer) -> None:
                 setattr(model.generation_config, key, value)
     if model.can_generate() and model.generation_config.max_new_tokens is None:
         model.generation_config.max_new_tokens = 256  # transformers' default max_length of 20 cuts chat answers
+
+
+@contextlib.contextmanager
+def reference_from_grown_model(model, added: list[int], out: Path, peft_config):
+    """While a DPO or GRPO trainer is built: TRL loads the frozen reference model again from the model's path, which
+    lacks the tokens just added (an IndexError at the first batch), so the path is then a copy of the grown start
+    model saved in the run directory, removed once the trainer holds its reference. (LoRA needs no copy: the
+    reference is the model with its adapter disabled.)"""
+    if not added or peft_config is not None:
+        yield
+        return
+    state, start = PartialState(), out / "start-model"
+    if state.is_main_process:
+        model.save_pretrained(start)
+    state.wait_for_everyone()
+    original, model.config._name_or_path = model.config._name_or_path, str(start)
+    try:
+        yield
+        state.wait_for_everyone()  # every process has loaded its reference
+    finally:
+        model.config._name_or_path = original
+        if state.is_main_process:
+            shutil.rmtree(start, ignore_errors=True)
 
 
 def require_pad(tokenizer, path: str, stage: str) -> None:

@@ -18,6 +18,7 @@ from align.stages.common import (
     load_tokenizer,
     model_kwargs,
     peft_config_for,
+    reference_from_grown_model,
     require_eval_data,
     save_model,
     stage_main,
@@ -46,16 +47,18 @@ def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_arg
     fit_model_to_tokenizer(model, tokenizer)
     train, evaluation = load_stage_data(script_args, training_args, "preference", out, tokenizer,
                                         max_length=training_args.max_length, long_rows="truncate")
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=training_args,
-        train_dataset=to_dataset(train),
-        eval_dataset=to_dataset(evaluation) if evaluation else None,
-        processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, added),
-        callbacks=[NonFiniteGuard("dpo"), JsonlLogger(out / "dpo_log.jsonl")],
-    )
+    peft_config = peft_config_for(model_args, added)
+    with reference_from_grown_model(model, added, out, peft_config):
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=training_args,
+            train_dataset=to_dataset(train),
+            eval_dataset=to_dataset(evaluation) if evaluation else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[NonFiniteGuard("dpo"), JsonlLogger(out / "dpo_log.jsonl")],
+        )
     return trainer, out
 
 

@@ -19,6 +19,7 @@ from align.stages.common import (
     load_tokenizer,
     model_kwargs,
     peft_config_for,
+    reference_from_grown_model,
     require_eval_data,
     save_model,
     stage_main,
@@ -55,16 +56,18 @@ def build_trainer(script_args: GRPOArguments, training_args: GRPOConfig, model_a
                                         extra_columns=("answer",))
     for row in train + evaluation:
         row["answer"] = str(row["answer"])  # numbers or strings in the file; compared as text
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[exact_answer_reward],
-        args=training_args,
-        train_dataset=to_dataset(train),
-        eval_dataset=to_dataset(evaluation) if evaluation else None,
-        processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, added),
-        callbacks=[NonFiniteGuard("grpo"), JsonlLogger(out / "grpo_log.jsonl")],
-    )
+    peft_config = peft_config_for(model_args, added)
+    with reference_from_grown_model(model, added, out, peft_config):
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[exact_answer_reward],
+            args=training_args,
+            train_dataset=to_dataset(train),
+            eval_dataset=to_dataset(evaluation) if evaluation else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[NonFiniteGuard("grpo"), JsonlLogger(out / "grpo_log.jsonl")],
+        )
     return trainer, out
 
 
