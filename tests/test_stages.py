@@ -150,6 +150,34 @@ def test_sft_loss_is_on_the_answer_only(tiny_hf_dir, tmp_path):
         assert "Question" not in text and "<|assistant|>" not in text and "<|user|>" not in text
 
 
+def test_sft_on_a_chat_template_without_generation_markers(tiny_hf_dir, tmp_path):
+    """Most hub templates lack {% generation %}, without which TRL cannot find assistant tokens: every assistant
+    turn becomes a prompt/completion row of its own, trained on that turn only."""
+    import shutil
+
+    from trl import ModelConfig, SFTConfig
+
+    from align.stages.common import parse_stage_args
+
+    base = tmp_path / "plain-template"
+    shutil.copytree(tiny_hf_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(base)
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"},
+             {"role": "user", "content": "And 3 + 5?"}, {"role": "assistant", "content": "3 + 5 = 8"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    args = sft_args(base, tmp_path / "out", tmp_path / "data") + ["--dataset_name", str(data), "--eval_fraction", "0",
+                                                                 "--max_dropped_fraction", "0"]
+    trainer, _ = sft.build_trainer(*parse_stage_args((sft.SFTArguments, SFTConfig, ModelConfig), args))
+    assert len(trainer.train_dataset) == 2
+    for example, answer in zip(trainer.train_dataset, ("2 + 2 = 4", "3 + 5 = 8"), strict=True):
+        trained = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+        assert answer in tokenizer.decode(trained) and "What" not in tokenizer.decode(trained)
+
+
 def test_reward_model_scores_at_eos(reward_dir):
     assert_run_files(reward_dir)
     metrics = read_metrics(reward_dir)

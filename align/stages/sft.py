@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from align.stages.common import (
     check_model_dir,
     finish_run,
     fit_model_to_tokenizer,
+    log,
     load_stage_data,
     load_tokenizer,
     model_kwargs,
@@ -32,6 +34,18 @@ from align.stages.common import (
 @dataclass
 class SFTArguments(DataArguments):
     """Data and output options of `align sft` (the trainer's own options are SFTConfig's)."""
+
+
+def marks_assistant_turns(tokenizer) -> bool:
+    """Whether the chat template wraps assistant turns in {% generation %}, which TRL's assistant-only loss needs."""
+    return bool(re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""))
+
+
+def one_row_per_assistant_turn(rows: list[dict]) -> list[dict]:
+    """Conversations as prompt/completion rows, one per assistant turn with the conversation before it as prompt:
+    the loss then falls on every assistant turn once, under any chat template."""
+    return [{"prompt": row["messages"][:i], "completion": [message]}
+            for row in rows for i, message in enumerate(row["messages"]) if message["role"] == "assistant"]
 
 
 def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_args: ModelConfig):
@@ -51,6 +65,10 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
 
     train, evaluation = load_stage_data(script_args, training_args, "sft", out, tokenizer,
                                         max_length=training_args.max_length, long_rows="truncate")
+    if "messages" in train[0] and not marks_assistant_turns(tokenizer):
+        train, evaluation = one_row_per_assistant_turn(train), one_row_per_assistant_turn(evaluation)
+        log(f"the chat template of {path} does not mark assistant turns with {{% generation %}}: each conversation is "
+            f"trained as one prompt/completion row per assistant turn ({len(train)} train rows)")
     # Loss on what the assistant says only, set explicitly: TRL's default depends on the columns it sees.
     if "messages" in train[0]:
         training_args.assistant_only_loss = True
