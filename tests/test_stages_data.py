@@ -554,3 +554,26 @@ def test_the_same_seed_gives_the_same_reward_model(tiny_hf_dir, tmp_path):
         weights.append(load_file(str(tmp_path / name / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_self_negative_too_long_for_the_reward_model_keeps_the_rows_own(tiny_tokenizer, tmp_path, capsys):
+    # Sampled wrong answers replace rejected ones after validation; one that makes the pair longer than max_length
+    # would be skipped by the trainer without a word, so the pair keeps its synthetic negative instead.
+    from types import SimpleNamespace
+
+    from align.data.validate import full_tokens
+    from align.stages.reward import SELF_NEGATIVES_FILE, add_self_negatives
+
+    prompt = [{"role": "user", "content": "Question: What is 2 + 3?\nAnswer:"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "2 + 3 = 5\n#### 5"}],
+             "rejected": [{"role": "assistant", "content": "2 + 3 = 6\n#### 6"}]} for _ in range(2)]
+    sampled = ["2 + 3 = 7\n#### 7", "2 + 3 = 1" + " + 1" * 60 + "\n#### 61"]
+    (tmp_path / f"train_{SELF_NEGATIVES_FILE}").write_text("".join(
+        json.dumps({"row": i, "prompt": prompt, "rejected": answer}) + "\n" for i, answer in enumerate(sampled)))
+    max_length = full_tokens(tiny_tokenizer, prompt, rows[0]["rejected"]) + 8
+    out = add_self_negatives(SimpleNamespace(), SimpleNamespace(max_length=max_length), SimpleNamespace(),
+                             tiny_tokenizer, rows, tmp_path, "train")
+    assert out[0]["rejected"][0]["content"] == sampled[0]
+    assert out[1]["rejected"] == rows[1]["rejected"]
+    assert f"1 of 2 train pairs now reject the SFT model's own wrong answer (1 more would exceed max_length" in \
+        capsys.readouterr().out

@@ -159,7 +159,8 @@ def _prompt_tokens(tokenizer, prompt) -> int:
     return len(tokenizer(prompt)["input_ids"])
 
 
-def _full_tokens(tokenizer, prompt, completion) -> int:
+def full_tokens(tokenizer, prompt, completion) -> int:
+    """Length of prompt + completion as the trainer tokenizes the pair (chat template, or text + eos)."""
     if isinstance(prompt, list):
         return len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
     return len(tokenizer(prompt + completion)["input_ids"]) + 1  # + eos, which TRL appends
@@ -289,7 +290,7 @@ def _length_problem(row, kind, tokenizer, max_length, long_rows, max_prompt_leng
         return "truncated_to_nothing", (f"the prompt alone is {n_prompt} tokens, max_length={max_length}: the "
                                         "completion would be truncated away; raise max_length or shorten the prompt")
     if long_rows == "drop":
-        n_full = max(_full_tokens(tokenizer, prompt, c) for c in completions)
+        n_full = max(full_tokens(tokenizer, prompt, c) for c in completions)
         if n_full > max_length:
             return "too_long", (f"prompt + answer is {n_full} tokens, more than max_length={max_length} (the trainer "
                                 "would silently skip it); raise max_length or shorten the row")

@@ -13,6 +13,7 @@ from accelerate import PartialState
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align.data.tasks import extract_answer, is_correct, is_heldout
+from align.data.validate import full_tokens
 from align.stages.common import (
     DataArguments,
     JsonlLogger,
@@ -132,11 +133,16 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
                     f.write(json.dumps({"row": i, "prompt": rows[i]["prompt"], "rejected": answer}) + "\n")
             del model
         found = {r["row"]: r["rejected"] for r in map(json.loads, path.read_text().splitlines())}
-    rows = [dict(row) for row in rows]
+    rows, max_length, too_long = [dict(row) for row in rows], training_args.max_length, 0
     for i, answer in found.items():
-        rejected = rows[i]["rejected"]
-        rows[i]["rejected"] = [{"role": "assistant", "content": answer}] if isinstance(rejected, list) else answer
-    log(f"reward: {len(found)} of {len(rows)} {name} pairs now reject the SFT model's own wrong answer")
+        rejected = [{"role": "assistant", "content": answer}] if isinstance(rows[i]["rejected"], list) else answer
+        if max_length is not None and full_tokens(tokenizer, rows[i]["prompt"], rejected) > max_length:
+            too_long += 1  # the trainer would silently skip the pair: keep the row's own negative
+            continue
+        rows[i]["rejected"] = rejected
+    left_out = f" ({too_long} more would exceed max_length={max_length}: those keep their own)" if too_long else ""
+    log(f"reward: {len(found) - too_long} of {len(rows)} {name} pairs now reject the SFT model's own wrong answer"
+        + left_out)
     return rows
 
 
