@@ -282,6 +282,18 @@ def test_bring_your_own_gpt2_without_pad_or_chat_template(foreign_gpt2, tmp_path
     assert_generates(out)
 
 
+def test_lora_on_a_model_whose_tokenizer_sft_extends(foreign_gpt2, tmp_path, run_dir, capsys):
+    # The new rows stay trainable through PEFT's wrapper of the tied head (TRL's chunked loss cannot read it); an
+    # unmerged adapter would need a grown base model that exists nowhere, so it is refused before training.
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    out = tmp_path / "lora"
+    assert sft.main(sft_args(foreign_gpt2, out, run_dir / "data") + lora) == 0
+    assert_generates(out)
+    assert sft.main(sft_args(foreign_gpt2, tmp_path / "adapter", run_dir / "data") + lora
+                    + ["--merge_lora", "false"]) == 2
+    assert "with merge_lora false: it would need a base model with those tokens" in capsys.readouterr().err
+
+
 def test_dpo_and_grpo_from_a_model_whose_tokenizer_they_extend(foreign_gpt2, tmp_path, run_dir):
     # TRL loads their reference model again from the model's path, which lacks the added tokens: the reference
     # must be the grown start model itself (DPO's first loss is then exactly log 2: policy == reference).

@@ -317,14 +317,24 @@ def assistant_turn_ends_with_eos(tokenizer) -> bool:
     return text.rstrip().endswith(tokenizer.eos_token)
 
 
-def peft_config_for(model_args, added_tokens: list[int] | None = None, task_type: str | None = None):
+def peft_config_for(model_args, added_tokens: list[int] | None = None, task_type: str | None = None,
+                    merge_lora: bool = True):
     """TRL's LoRA config from ModelConfig (None without use_peft); tokens added to the vocabulary stay trainable."""
+    from accelerate.utils import DistributedType
     from trl import get_peft_config
 
     if task_type:
         model_args.lora_task_type = task_type
     config = get_peft_config(model_args)
     if config is not None and added_tokens:
+        sharded = PartialState().distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if not merge_lora or sharded:
+            raise StageError(
+                f"LoRA on {model_args.model_name_or_path}, whose tokenizer this stage extends ({len(added_tokens)} "
+                f"tokens added), saves an adapter {'under DeepSpeed/FSDP' if sharded else 'with merge_lora false'}: it "
+                "would need a base model with those tokens, which exists nowhere on disk, so it could not be loaded. "
+                "Keep merge_lora true (one process or DDP), or start from a model whose tokenizer has a pad token and "
+                "a chat template (e.g. the output of a full SFT)")
         config.trainable_token_indices = list(added_tokens)
     return config
 

@@ -47,7 +47,7 @@ def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_arg
     fit_model_to_tokenizer(model, tokenizer)
     train, evaluation = load_stage_data(script_args, training_args, "preference", out, tokenizer,
                                         max_length=training_args.max_length, long_rows="truncate")
-    peft_config = peft_config_for(model_args, added)
+    peft_config = peft_config_for(model_args, added, merge_lora=script_args.merge_lora)
     with reference_from_grown_model(model, added, out, peft_config):
         trainer = DPOTrainer(
             model=model,

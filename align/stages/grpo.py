@@ -56,7 +56,7 @@ def build_trainer(script_args: GRPOArguments, training_args: GRPOConfig, model_a
                                         extra_columns=("answer",))
     for row in train + evaluation:
         row["answer"] = str(row["answer"])  # numbers or strings in the file; compared as text
-    peft_config = peft_config_for(model_args, added)
+    peft_config = peft_config_for(model_args, added, merge_lora=script_args.merge_lora)
     with reference_from_grown_model(model, added, out, peft_config):
         trainer = GRPOTrainer(
             model=model,

@@ -74,13 +74,20 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
         training_args.assistant_only_loss = True
     else:
         training_args.completion_only_loss = True
+    peft_config = peft_config_for(model_args, added, merge_lora=script_args.merge_lora)
+    tied = model.config.tie_word_embeddings
+    if peft_config is not None and added and tied and training_args.loss_type == "chunked_nll":
+        # PEFT wraps a tied LM head to train the new rows; TRL's chunked loss reads the head's weight directly and
+        # cannot take that wrapper (an AttributeError in TRL 1.12), its plain loss can: the same value.
+        training_args.loss_type = "nll"
+        log("LoRA with the new tokens of a tied LM head: loss_type nll instead of chunked_nll")
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=to_dataset(train),
         eval_dataset=to_dataset(evaluation) if evaluation else None,
         processing_class=tokenizer,
-        peft_config=peft_config_for(model_args, added),
+        peft_config=peft_config,
         callbacks=[NonFiniteGuard("sft"), JsonlLogger(out / "sft_log.jsonl")],
     )
     return trainer, out
