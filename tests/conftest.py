@@ -51,3 +51,24 @@ def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
     out = tmp_path_factory.mktemp("hf") / "tiny"
     export(GPT(tiny_config()), tiny_tokenizer, out)
     return out
+
+
+def foreign_gpt2(out, corpus: list[str], special_tokens=(), **tokens):
+    """A 1-layer GPT-2 made with transformers (not align), saved to `out` with a 300-token BPE trained on `corpus`
+    that has only the given special tokens and no chat template: a stand-in for a model from the hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=list(special_tokens),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, **tokens)
+    assert tokenizer.pad_token is None and not tokenizer.chat_template
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                    ).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

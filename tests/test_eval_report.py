@@ -93,6 +93,24 @@ def test_generations_side_by_side_for_model_dirs(tiny_hf_dir, tmp_path):
     assert "ROMEO:" in (tmp_path / "r" / "index.html").read_text()
 
 
+def test_names_prompts_and_generations_cannot_break_the_report(tiny_hf_dir, tmp_path):
+    """A name with a pipe, a prompt with a code fence and terminal escapes: the markdown keeps its table and its
+    blocks, and neither file carries a raw control character (invalid in HTML, live in a terminal)."""
+    results_file(tiny_hf_dir / "eval" / "results.json", {"demo_accuracy": (0.0, 0.0, 10)}, model=tiny_hf_dir)
+    prompt = "ROMEO:\n```\n\x1b[31mred\x07 | done"
+    try:
+        report.build_report([tiny_hf_dir, tiny_hf_dir], tmp_path / "r", names=["a|b", "c"], prompts=[prompt],
+                            max_new_tokens=3)
+    finally:
+        (tiny_hf_dir / "eval" / "results.json").unlink()
+        (tiny_hf_dir / "eval").rmdir()
+    md = (tmp_path / "r" / "report.md").read_text()
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", md + page)
+    assert "| metric | a\\|b | c | n | chance |" in md
+    assert "````\nROMEO:\n```\n\\x1b[31mred\\x07 | done\n````" in md and "\\x1b[31mred" in page
+
+
 def test_compare_bad_inputs(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
     assert "no such file or directory" in capsys.readouterr().err

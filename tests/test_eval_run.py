@@ -2,6 +2,7 @@
 
 import json
 
+import conftest
 import pytest
 import torch
 from lm_eval.api.model import LM
@@ -185,6 +186,35 @@ def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, caps
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "empty_home"))
     assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2
     assert "run `align benchmarks fetch` first" in capsys.readouterr().err
+
+
+def foreign_gpt2(out, special_tokens=(), **tokens):
+    corpus = ["Question: What is 20 + 9?\nAnswer: 20 + 9 = 29\n#### 29", "To be or not to be, line 3. "] * 8
+    return conftest.foreign_gpt2(out, corpus, special_tokens, **tokens)
+
+
+def test_chat_template_missing_is_an_error_before_the_weights_load(eval_home, tmp_path, capsys):
+    model = foreign_gpt2(tmp_path / "gpt2", ["<|endoftext|>"], eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    (model / "model.safetensors").unlink()  # the weights are never needed: the template is checked first
+    capsys.readouterr()
+    assert run_eval(["--model", str(model), "--tasks", "demo", "--demo_file", eval_home["demo"],
+                     "--apply_chat_template", "--limit", "1"], tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align eval: error: --apply_chat_template: the tokenizer in {model} has no chat template; "
+                          "drop --apply_chat_template") and "Traceback" not in err
+
+
+def test_tokenizer_without_special_tokens_evaluates_perplexity_and_generation(eval_home, tmp_path, caplog):
+    """No eos, bos or pad: perplexity conditions on a newline, generation stops at the task's stop strings."""
+    model = foreign_gpt2(tmp_path / "gpt2")
+    code, report = run_eval(["--model", str(model), "--tasks", "ppl_corpus", "demo", "--corpus_file",
+                             eval_home["corpus"], "--demo_file", eval_home["demo"], "--limit", "3",
+                             "--max_new_tokens", "4"], tmp_path)
+    assert code == 0
+    metrics = {r["metric"]: r for r in report["summary"]}
+    assert metrics["corpus_bits_per_byte"]["value"] > 0 and metrics["corpus_bits_per_byte"]["n"] == 3
+    assert metrics["demo_accuracy"]["n"] == 3
+    assert "has no bos or eos token: perplexity scores each document's first token after '\\n'" in caplog.text
 
 
 def _adapter(base_dir, out):

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -305,6 +306,38 @@ def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int
 # ----------------------------------------------------------------------------------------------------------------
 # the report
 
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline (so also \r), DEL, C1
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters, but tab and newline, written as \\xNN escapes."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def one_line(text: str) -> str:
+    """visible(text) with newlines and tabs escaped too, for a table cell, a code span or a bold name."""
+    return visible(text).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def cell(text: str) -> str:
+    return one_line(text).replace("|", "\\|")
+
+
+def backticks(text: str, least: int = 1) -> str:
+    """A code delimiter `text` cannot close: more backticks than any run of them in it."""
+    return "`" * max(least, max(map(len, re.findall("`+", text)), default=0) + 1)
+
+
+def code_span(text: str) -> str:
+    text = one_line(text)
+    ticks, pad = backticks(text), " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def code_block(text: str) -> list[str]:
+    """The lines of a fenced markdown block holding `text`."""
+    return [backticks(text, 3), visible(text), backticks(text, 3)]
+
 
 def is_previous_report(out: Path) -> bool:
     """Whether `out` holds nothing but a report build_report wrote (which a new report may replace)."""
@@ -437,26 +470,27 @@ def table_rows(entries: list[dict], metrics: list[str]) -> list[list[str]]:
 def markdown(entries, metrics, flags, generations, prompts) -> str:
     header = ["metric", *[e["name"] for e in entries], "n", "chance"]
     lines = ["# Model comparison", "",
-             f"Baseline: **{entries[0]['name']}**. ▲/▼: better/worse than the baseline by more than the combined "
-             "standard error (no mark: within noise, or no standard error).", ""]
+             f"Baseline: **{cell(entries[0]['name'])}**. ▲/▼: better/worse than the baseline by more than the "
+             "combined standard error (no mark: within noise, or no standard error).", ""]
     if flags:
-        lines += ["## Flags", ""] + [f"- **{f}**" for f in flags] + [""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, metrics)]
+        lines += ["## Flags", ""] + [f"- **{cell(f)}**" for f in flags] + [""]
+    lines += ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table_rows(entries, metrics)]
     lines += ["", "## Sources", ""]
-    lines += [f"- {e['name']}: results `{e['results']}`, model `{e['model_dir']}`, logs: "
+    lines += [f"- {cell(e['name'])}: results {code_span(e['results'])}, model {code_span(e['model_dir'])}, logs: "
               f"{', '.join(e['logs']) or 'none'}" for e in entries]
     if generations:
         lines += ["", "## Generations (greedy)", ""]
         for i, prompt in enumerate(prompts):
-            lines += [f"### Prompt {i + 1}", "", "```", prompt, "```", ""]
+            lines += [f"### Prompt {i + 1}", "", *code_block(prompt), ""]
             for name, outs in generations.items():
-                lines += [f"**{name}**", "", "```", outs[i], "```", ""]
+                lines += [f"**{cell(name)}**", "", *code_block(outs[i]), ""]
     return "\n".join(lines) + "\n"
 
 
 def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> str:
-    esc = html.escape
+    def esc(text) -> str:
+        return html.escape(visible(text))  # control characters are not valid in HTML text
     header = ["metric", *[e["name"] for e in entries], "n", "chance"]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>align: model comparison</title><style>",
              "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"

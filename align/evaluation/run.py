@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
+def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_template: bool = False):
     """The model and tokenizer in `model_dir` (plus a PEFT adapter), or an EvalError saying what is wrong."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +64,12 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
+        raise EvalError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
+    if chat_template and not tokenizer.chat_template:  # checked before the weights load
+        raise EvalError(f"--apply_chat_template: the tokenizer in {path} has no chat template; drop "
+                        "--apply_chat_template, or give a model whose tokenizer has one (e.g. one `align sft` wrote)")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
         raise EvalError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
@@ -73,6 +79,32 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str):
     # override it and make transformers warn on every generate call.
     model.generation_config.max_new_tokens = None
     return model.to(device).eval(), tokenizer
+
+
+def harness_model(model, tokenizer, model_dir: str, device: str, batch_size: int):
+    """lm-eval's HFLM on `model`, with stand-ins where lm-eval would use the eos (or bos) token a tokenizer lacks."""
+    from lm_eval.models.huggingface import HFLM
+
+    if tokenizer.eos_token_id is not None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+
+    class WithoutEos(HFLM):
+        def tok_decode(self, tokens, skip_special_tokens=True):
+            # lm-eval adds tok_decode(eos) to every generation's stop strings; there is none to add
+            return None if tokens is None else super().tok_decode(tokens, skip_special_tokens)
+
+    log.warning("the tokenizer in %s has no eos token: generations end at the task's stop strings or after "
+                "max_gen_toks", model_dir)
+    prefix = tokenizer.bos_token_id
+    if prefix is None:
+        # lm-eval scores a document's first token (and an empty context) after bos, else eos: a newline stands in
+        prefix = (tokenizer.encode("\n", add_special_tokens=False) or [0])[-1]
+        log.warning("the tokenizer in %s has no bos or eos token: perplexity scores each document's first token "
+                    "after %r (id %d)", model_dir, tokenizer.decode([prefix]), prefix)
+    if tokenizer.pad_token_id is None and tokenizer.unk_token_id is None:
+        tokenizer.pad_token_id = prefix  # else lm-eval adds a pad token the model has no embedding for
+    return WithoutEos(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
+                      prefix_token_id=prefix)
 
 
 ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -178,7 +210,6 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
                         "could signal any process here; prefer an unprivileged user")
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="align-eval-") as tmp:
@@ -191,8 +222,8 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
             task_manager = TaskManager(include_path=str(include), include_defaults=False)
         device = args.device or device_type()
         if lm is None:
-            model, tokenizer = load_model(args.model, args.peft, device, args.dtype)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=args.batch_size)
+            model, tokenizer = load_model(args.model, args.peft, device, args.dtype, args.apply_chat_template)
+            lm = harness_model(model, tokenizer, args.model, device, args.batch_size)
         try:
             objects, samples = build_tasks(task_manager, selections)
         except (ConnectionError, OSError) as err:
