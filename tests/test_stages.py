@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          pipeline)
 
 from align.stages import dpo, grpo, ppo, reward, sft
 
@@ -250,25 +252,10 @@ def test_ppo_with_lora_uses_the_disabled_adapter_as_reference(sft_dir, reward_di
 @pytest.fixture(scope="module")
 def foreign_gpt2(run_dir, sft_dir):
     """A GPT-2-style checkpoint made with transformers whose tokenizer has only <|endoftext|> (no pad, no template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     corpus = [json.loads(line)["completion"][0]["content"] for line in
               (run_dir / "data" / "sft.jsonl").read_text().splitlines()] * 4 + ["Question: How many apples?"] * 4
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    assert tokenizer.pad_token is None and not tokenizer.chat_template
-    base = run_dir / "foreign-gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    return base
+    return conftest.foreign_gpt2(run_dir / "foreign-gpt2", corpus, ["<|endoftext|>"], eos_token="<|endoftext|>",
+                                 bos_token="<|endoftext|>")
 
 
 def test_bring_your_own_gpt2_without_pad_or_chat_template(foreign_gpt2, tmp_path, run_dir):
@@ -279,6 +266,8 @@ def test_bring_your_own_gpt2_without_pad_or_chat_template(foreign_gpt2, tmp_path
     tuned = AutoTokenizer.from_pretrained(out)
     assert tuned.pad_token == "<|pad|>" and "<|assistant|>" in tuned.get_vocab()
     assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == len(tuned)
+    # its generation config had no length: half the 128 positions (prompt + 256 new tokens would overrun them)
+    assert GenerationConfig.from_pretrained(out).max_new_tokens == 64
     assert_generates(out)
 
 

@@ -268,7 +268,9 @@ def fit_model_to_tokenizer(model, tokenizer) -> None:
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 setattr(model.generation_config, key, value)
     if model.can_generate() and model.generation_config.max_new_tokens is None:
-        model.generation_config.max_new_tokens = 256  # transformers' default max_length of 20 cuts chat answers
+        # transformers' default max_length of 20 cuts chat answers; half the context leaves room for the prompt
+        context = getattr(model.config, "max_position_embeddings", None) or 512
+        model.generation_config.max_new_tokens = max(1, min(256, context // 2))
 
 
 @contextlib.contextmanager
