@@ -526,6 +526,12 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     )
     if cfg.init_from:
         log(f"[pretrain] the architecture is init_from's ({cfg.init_from}); model {cfg.model!r} is not used")
+    if cfg.eval_batches * cfg.batch_size > val_data.n_windows:
+        log(f"[pretrain] note: eval_batches {cfg.eval_batches} x batch_size {cfg.batch_size} = "
+            f"{cfg.eval_batches * cfg.batch_size} windows, but the val split holds {val_data.n_windows} of "
+            f"block_size {cfg.block_size}: val_loss counts some of its tokens more than once ("
+            + (f"set eval_batches to {val_data.n_windows // cfg.batch_size} or less, or raise val_fraction)"
+               if val_data.n_windows >= cfg.batch_size else "it holds fewer than one batch: raise val_fraction)"))
     if cfg.warmup_steps > cfg.max_steps:
         log(f"[pretrain] note: warmup_steps {cfg.warmup_steps} > max_steps {cfg.max_steps}, so the learning rate "
             f"never reaches {cfg.learning_rate:g}")

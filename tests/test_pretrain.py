@@ -768,3 +768,15 @@ printf '%s\\n' "$@" > {tmp_path}/align_args
     assert (tmp_path / "align_args").read_text().splitlines() == ["prepare-data", "--config",
                                                                   "recipes/llama-1b/pretrain.yaml", *extra]
     assert (tmp_path / "shutdown_timeout").read_text() == "110\n"
+
+
+def test_a_validation_larger_than_the_val_split_is_said(setup, capsys):
+    """eval_batches x batch_size windows past the val split's wrap around and count tokens twice: the run says so."""
+    tmp, recipe = setup
+    assert run(recipe, tmp / "val-fits", "--max_steps", "1", "--eval_steps", "1") == 0
+    assert "counts some of its tokens more than once" not in capsys.readouterr().out
+    assert run(recipe, tmp / "val-wraps", "--max_steps", "1", "--eval_steps", "1", "--batch_size", "1024",
+               "--eval_batches", "1") == 0
+    out = capsys.readouterr().out
+    assert "eval_batches 1 x batch_size 1024 = 1024 windows, but the val split holds " in out
+    assert "fewer than one batch: raise val_fraction" in out
