@@ -577,3 +577,12 @@ def test_a_self_negative_too_long_for_the_reward_model_keeps_the_rows_own(tiny_t
     assert out[1]["rejected"] == rows[1]["rejected"]
     assert f"1 of 2 train pairs now reject the SFT model's own wrong answer (1 more would exceed max_length" in \
         capsys.readouterr().out
+
+
+def test_exact_answer_reward_compares_numbers_and_reads_gsm8k_solutions():
+    """The dataset's answer may be a number in any spelling, or GSM8K's worked solution ending in "#### N"."""
+    from align.stages.grpo import exact_answer_reward
+
+    completions = ["so 1000 in all\n#### 1,000", "#### 7", "#### 72", "#### 7.5", "#### 7", "#### 3"]
+    answers = ["1000", "7.0", "She sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "7.50", "seven", "-3"]
+    assert exact_answer_reward(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]

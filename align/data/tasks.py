@@ -13,6 +13,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 NAMES = [
@@ -113,9 +114,21 @@ def extract_answer(text: str) -> str | None:
     return matches[-1].replace(",", "").rstrip(".")
 
 
-def is_correct(completion: str, answer: int | str) -> bool:
-    found = extract_answer(completion)
-    return found is not None and found == str(answer).strip()
+def same_number(found: str, expected: str) -> bool:
+    """Equal as numbers when both are ("7.0" and "7", "-0" and "0"), else as text."""
+    try:
+        return Decimal(found) == Decimal(expected)
+    except InvalidOperation:
+        return found == expected
+
+
+def is_correct(completion: str, answer: int | float | str) -> bool:
+    """Whether the completion's final answer is `answer`: a number ("1,000" and 1000 agree) or a worked solution
+    ending in "#### N", as GSM8K's answer column holds them."""
+    found, expected = extract_answer(completion), str(answer).strip()
+    if "####" in expected:
+        expected = extract_answer(expected) or expected
+    return found is not None and same_number(found, expected.replace(",", "").rstrip("."))
 
 
 def wrong_answer(problem: Problem, rng: random.Random) -> str:
