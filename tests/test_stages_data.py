@@ -464,6 +464,43 @@ def test_config_checks_while_parsing_are_one_line_errors(tmp_path, capsys):
     assert "eval_dataset" not in err and not (tmp_path / "s").exists()  # refused before anything was written
 
 
+def test_a_dataset_saved_with_save_to_disk(tmp_path):
+    """What an online machine saved with save_to_disk (a DatasetDict or one Dataset) reads offline like a hub
+    dataset: the named splits; a missing split or a split asked of one Dataset is a clear error."""
+    import datasets
+
+    from align.stages.common import DataArguments, load_stage_data
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question: What is {i} + 2?"}],
+             "completion": [{"role": "assistant", "content": f"#### {i + 2}"}], "source": "x"} for i in range(8)]
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(rows[:6]),
+                          "test_sft": datasets.Dataset.from_list(rows[6:])}).save_to_disk(tmp_path / "dict")
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
+    training_args = type("T", (), {"output_dir": str(tmp_path / "o")})()
+    args = DataArguments(dataset_name=str(tmp_path / "dict"), dataset_train_split="train_sft",
+                         dataset_test_split="test_sft")
+    train, evaluation = load_stage_data(args, training_args, "sft", tmp_path)
+    assert (len(train), len(evaluation)) == (6, 2) and train[0] == {k: rows[0][k] for k in ("prompt", "completion")}
+    assert json.loads((tmp_path / "data_report.json").read_text())["train"]["source"] == f"{tmp_path / 'dict'}[train_sft]"
+    train, evaluation = load_stage_data(DataArguments(dataset_name=str(tmp_path / "one")), training_args, "sft",
+                                        tmp_path)
+    assert (len(train), len(evaluation)) == (8, 0)
+    with pytest.raises(DataError, match=r"has no split 'train' \(its splits: train_sft, test_sft\)"):
+        load_stage_data(DataArguments(dataset_name=str(tmp_path / "dict")), training_args, "sft", tmp_path)
+    with pytest.raises(DataError, match="holds one saved Dataset, with no splits: drop --dataset_test_split test"):
+        load_stage_data(DataArguments(dataset_name=str(tmp_path / "one"), dataset_test_split="test"), training_args,
+                        "sft", tmp_path)
+
+
+def test_sft_of_plain_text_points_at_pretraining(tmp_path, tiny_hf_dir, capsys):
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "To be or not to be"}] * 4)
+    assert sft_main(tiny_hf_dir, tmp_path / "a", tmp_path / "text.jsonl") == 2
+    assert "continues a model's pretraining on it" in capsys.readouterr().err
+    assert sft_main(tiny_hf_dir, tmp_path / "b", tmp_path / "text.jsonl", "--dataset_text_field", "content") == 2
+    assert "--dataset_text_field is for plain-text data, which align sft does not read" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_directory_dataset_evaluates_on_its_test_file_and_metrics_record_the_step(tiny_hf_dir, tmp_path):
     """train.jsonl + test.jsonl in a directory: the test file is the eval set (as a hub dataset's test split would
     be) unless --dataset_test_split or eval_fraction says otherwise; metrics.json has the final step even when no

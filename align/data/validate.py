@@ -193,8 +193,11 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
         if n_messages or n_pairs:  # the format most rows use; rows in the other one are dropped
             needed = ["messages"] if n_messages >= n_pairs else ["prompt", "completion"]
         else:
+            plain = (" Plain text is pretraining data: `align pretrain --init_from MODEL --sources FILE` continues "
+                     "a model's pretraining on it.") if any(isinstance(v, str) for row in rows for v in row.values()) \
+                else ""
             raise DataError(f"{source}: no 'messages' column and no 'prompt' + 'completion' columns (found: "
-                            f"{', '.join(sorted(columns)) or 'none'}); SFT reads {FORMATS['sft']} ({HINT})")
+                            f"{', '.join(sorted(columns)) or 'none'}); SFT reads {FORMATS['sft']} ({HINT}).{plain}")
     elif kind == "preference":
         needed = ["prompt", "chosen", "rejected"]
     else:

@@ -67,7 +67,8 @@ class DataArguments:
     dataset_name: str = field(
         default=DEMO,
         metadata={"help": "'demo' (writes the embedded demo data to data_dir and reads the stage's file), a local "
-                          ".jsonl/.json/.parquet file or a directory of them, or a Hugging Face dataset name"},
+                          ".jsonl/.json/.parquet file, a directory of them or one save_to_disk wrote, or a Hugging "
+                          "Face dataset name"},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
     dataset_train_split: str = field(default="train", metadata={"help": "split to train on (hub or directory)"})
@@ -411,6 +412,8 @@ def load_records(data_args, training_args, kind: str):
         if test and not Path(test).is_file():
             raise DataError(f"--dataset_test_split {test}: for a local data file it must name an eval data file")
         return read_records(local), read_records(test) if test else None, str(local)
+    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        return _saved_records(local, data_args)
     if local.is_dir():
         train = _local_split(local, data_args.dataset_train_split)
         if train is None:
@@ -429,6 +432,29 @@ def load_records(data_args, training_args, kind: str):
     if local.suffix in DATA_SUFFIXES or str(local).startswith((".", "/", "~")):
         raise DataError(f"data file {local} not found (--dataset_name)")
     return _hub_records(data_args)
+
+
+def _saved_records(path: Path, data_args):
+    """Train and eval records of a dataset that `datasets` saved with save_to_disk (a DatasetDict, or one Dataset,
+    which is then the train split)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        saved = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged save raises many kinds
+        raise DataError(f"{path} looks like a dataset saved with save_to_disk but does not load: {e}") from e
+    train_name, test_name = data_args.dataset_train_split, data_args.dataset_test_split
+    if not isinstance(saved, DatasetDict):
+        if test_name:
+            raise DataError(f"{path} holds one saved Dataset, with no splits: drop --dataset_test_split {test_name} "
+                            "(hold out part of it with --eval_fraction F)")
+        return dataset_records(saved, str(path)), None, str(path)
+    for name in (train_name, test_name):
+        if name and name not in saved:
+            raise DataError(f"{path} has no split {name!r} (its splits: {', '.join(saved)}); pass "
+                            "--dataset_train_split / --dataset_test_split NAME")
+    test = dataset_records(saved[test_name], f"{path}[{test_name}]") if test_name else None
+    return dataset_records(saved[train_name], f"{path}[{train_name}]"), test, f"{path}[{train_name}]"
 
 
 def _hub_records(data_args):

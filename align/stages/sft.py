@@ -12,6 +12,7 @@ from align.stages.common import (
     DataArguments,
     JsonlLogger,
     NonFiniteGuard,
+    StageError,
     add_missing_tokens,
     assistant_turn_ends_with_eos,
     check_model_dir,
@@ -52,6 +53,10 @@ def build_trainer(script_args: SFTArguments, training_args: SFTConfig, model_arg
     """The SFTTrainer for a recipe, with the output directory prepared; returns (trainer, output_dir)."""
     from transformers import AutoModelForCausalLM
 
+    if training_args.dataset_text_field != "text":
+        raise StageError("--dataset_text_field is for plain-text data, which align sft does not read "
+                         "(it trains on messages or prompt/completion rows, loss on the answers only); continue "
+                         "pretraining on text with `align pretrain --init_from MODEL --sources FILE`")
     require_eval_data(script_args, training_args)
     path = check_model_dir(model_args.model_name_or_path, "base model", "model_name_or_path")  # before --overwrite
     out = start_run(training_args, script_args)
