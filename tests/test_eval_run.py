@@ -284,3 +284,40 @@ def test_task_yamls_mirror_lm_eval_except_the_data_source(ours, theirs):
         assert builtin["metric_list"][0].pop("metric") == "!function utils.pass_at_k"
         assert mine["metric_list"][0].pop("metric") == "!function utils.pass_at_k"
     assert mine == builtin
+
+
+def test_your_own_lm_eval_tasks_from_include_path(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """--include_path adds the user's lm-eval YAMLs (here a multiple-choice task on a local file) beside align's
+    tasks, with no benchmark pack needed; a missing directory, one without tasks, or a clashing name is refused."""
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "no-pack-here"))
+    rows = [{"q": f"{i} + 1 =", "choices": [str(i + 1), str(i + 7)], "gold": 0} for i in range(4)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mine = tmp_path / "my_tasks"
+    mine.mkdir()
+    (mine / "sums.yaml").write_text(f"""task: my_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'qa.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+""")
+    code, report = run_eval(["--model", str(tiny_hf_dir), "--include_path", str(mine), "--tasks", "my_sums"],
+                            tmp_path)
+    assert code == 0
+    (row,) = report["summary"]
+    assert row["metric"] == "my_sums_acc" and row["n"] == 4 and 0 <= row["value"] <= 1
+
+    (mine / "clash.yaml").write_text((mine / "sums.yaml").read_text().replace("my_sums", "demo"))
+    capsys.readouterr()
+    assert run_eval(["--model", str(tiny_hf_dir), "--include_path", str(mine), "--tasks", "my_sums"], tmp_path)[0] == 2
+    assert "task(s) demo have the name of align's own tasks; rename them" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    for where, message in ((tmp_path / "none", "no such directory"), (tmp_path / "empty", "no lm-eval task YAML")):
+        assert run_eval(["--model", str(tiny_hf_dir), "--include_path", str(where), "--tasks", "x"], tmp_path)[0] == 2
+        assert message in capsys.readouterr().err

@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from align.evaluation.tasks import RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, normalise_corpus, render, select
+from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, available_tasks, normalise_corpus,
+                                    render, select, user_tasks)
 
 log = logging.getLogger("align.eval")
 
@@ -22,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--suite", help="named suite from evals/suites.yaml: core (default), quick, tiny or smoke")
     p.add_argument("--tasks", nargs="+", help="task, group or tag names instead of a suite (e.g. mmlu gsm8k); with "
                                               "--suite, only these of the suite's tasks, with its settings")
+    p.add_argument("--include_path", help="directory of your own lm-eval task YAMLs, whose tasks --tasks may name")
     p.add_argument("--limit", type=int, help="at most N documents per task (overrides the suite's limits)")
     p.add_argument("--num_fewshot", type=int, help="few-shot examples for every task (overrides suite and YAML)")
     p.add_argument("--max_new_tokens", type=int, help="cap on generated tokens for generation tasks")
@@ -190,7 +192,7 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         if not selections:
             raise EvalError("--source hub runs lm-eval's own tasks: name them with --tasks")
     else:
-        selections = select(args.suite, args.tasks, files)
+        selections = select(args.suite, args.tasks, files, user_tasks(args.include_path))
     if not selections:
         raise EvalError("no task to run")
     names = {s.task for s in selections}
@@ -214,12 +216,14 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
 
     with tempfile.TemporaryDirectory(prefix="align-eval-") as tmp:
         if args.source == "hub":
-            task_manager = TaskManager()
+            task_manager = TaskManager(include_path=args.include_path)
         else:
-            needs_pack = any(s.task not in RUNTIME_FILES for s in selections)
+            mine = set(available_tasks())
+            needs_pack = any(s.task in mine and s.task not in RUNTIME_FILES for s in selections)
             corpus = normalise_corpus(args.corpus_file, Path(tmp) / "corpus.jsonl") if args.corpus_file else None
             include = render(Path(tmp) / "tasks", require_pack() if needs_pack else None, args.demo_file, corpus)
-            task_manager = TaskManager(include_path=str(include), include_defaults=False)
+            paths = [str(include)] + ([args.include_path] if args.include_path else [])
+            task_manager = TaskManager(include_path=paths, include_defaults=False)
         device = args.device or device_type()
         if lm is None:
             model, tokenizer = load_model(args.model, args.peft, device, args.dtype, args.apply_chat_template)

@@ -66,10 +66,29 @@ def available_tasks() -> list[str]:
     return TaskManager(include_path=str(EVALS_DIR), include_defaults=False).all_tasks
 
 
-def select(suite: str | None, tasks: list[str] | None, files: dict[str, str | None]) -> list[Selection]:
+def user_tasks(include_path: str | None) -> list[str]:
+    """The task, group and tag names of the user's own lm-eval YAMLs in `include_path` (none without one)."""
+    from lm_eval.tasks import TaskManager
+
+    if not include_path:
+        return []
+    if not Path(include_path).is_dir():
+        raise EvalError(f"--include_path {include_path}: no such directory (it holds your lm-eval task YAMLs)")
+    names = TaskManager(include_path=str(include_path), include_defaults=False).all_tasks
+    if not names:
+        raise EvalError(f"--include_path {include_path}: no lm-eval task YAML (with a `task:` name) found in it")
+    clash = sorted(set(names) & set(available_tasks()))
+    if clash:
+        raise EvalError(f"--include_path {include_path}: task(s) {', '.join(clash)} have the name of align's own "
+                        "tasks; rename them (their `task:` field)")
+    return names
+
+
+def select(suite: str | None, tasks: list[str] | None, files: dict[str, str | None],
+           extra_tasks: list[str] = ()) -> list[Selection]:
     """The tasks to run. A suite's tasks that read a run-time file not given are skipped; a task named
     explicitly without its file is an error. With both a suite and tasks, the named tasks of the suite run with
-    the suite's settings."""
+    the suite's settings. `extra_tasks` (the user's own, from --include_path) may be named in `tasks` too."""
     if suite and tasks:
         chosen = [s for s in select(suite, None, files) if s.task in tasks]
         missing = [t for t in tasks if t not in {s.task for s in chosen}]
@@ -78,7 +97,7 @@ def select(suite: str | None, tasks: list[str] | None, files: dict[str, str | No
                             f"its tasks: {', '.join(suites()[suite])}")
         return chosen
     if tasks:
-        known = set(available_tasks())
+        known = set(available_tasks()) | set(extra_tasks)
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise EvalError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")
