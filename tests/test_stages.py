@@ -268,6 +268,9 @@ def test_bring_your_own_gpt2_without_pad_or_chat_template(foreign_gpt2, tmp_path
     assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == len(tuned)
     # its generation config had no length: half the 128 positions (prompt + 256 new tokens would overrun them)
     assert GenerationConfig.from_pretrained(out).max_new_tokens == 64
+    grown = "tokens added to the base model's tokenizer (embedding rows grown, mean-initialised): "
+    assert grown + "<|pad|>, <|system|>, <|user|>, <|assistant|>" in (out / "recipe.yaml").read_text()
+    assert grown + "`<|pad|>`, `<|system|>`, `<|user|>`, `<|assistant|>`." in (out / "README.md").read_text()
     assert_generates(out)
 
 

@@ -621,13 +621,28 @@ def train_and_evaluate(trainer, training_args) -> dict:
     return metrics
 
 
+def tokens_added(base: str, out: Path) -> list[str]:
+    """The tokens of the tokenizer saved in `out` that the base model's tokenizer lacks (add_missing_tokens')."""
+    from transformers import AutoTokenizer
+
+    try:
+        before, after = AutoTokenizer.from_pretrained(base).get_vocab(), AutoTokenizer.from_pretrained(out).get_vocab()
+    except Exception:  # noqa: BLE001 - both loaded during the run; should one be gone now, the card just says less
+        return []
+    return sorted((t for t in after if t not in before), key=after.get)
+
+
 def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, dataset: str) -> None:
     """metrics.json, the resolved recipe.yaml and a short model card, written by the main process."""
     if not PartialState().is_main_process:
         return
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(out / "metrics.json", {"stage": stage, "num_processes": PartialState().num_processes, **metrics})
-    save_recipe(out, *configs, notes={"base model": base}, skip=RECIPE_SKIP)
+    added = tokens_added(base, out)
+    grown = "tokens added to the base model's tokenizer (embedding rows grown, mean-initialised): "
+    base_note = f"{base}; {grown}{', '.join(added)}" if added else base
+    save_recipe(out, *configs, notes={"base model": base_note}, skip=RECIPE_SKIP)
+    grown = f"\nThe {grown}{', '.join(f'`{t}`' for t in added)}." if added else ""
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss", "objective/"))}
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     (out / "README.md").write_text(f"""---
@@ -637,7 +652,7 @@ tags: [align, {stage}, trl]
 # {stage.upper()} model trained by align
 
 Stage `{stage}` (TRL) from `{base}` on `{dataset}`. The resolved recipe is in `recipe.yaml`, every final metric in
-`metrics.json`, what data validation kept or dropped in `data_report.json`.
+`metrics.json`, what data validation kept or dropped in `data_report.json`.{grown}
 
 | metric | value |
 |---|---|
