@@ -136,6 +136,21 @@ def test_rows_truncated_to_nothing_or_too_long(tiny_tokenizer, tmp_path):
     assert report.dropped == {"too_long": 1}
 
 
+def test_kept_rows_that_the_trainer_truncates_are_counted(tiny_tokenizer, tmp_path, capsys):
+    """A conversation whose later turns lie past max_length keeps its row but loses their loss: said and saved."""
+    turn = [{"role": "user", "content": "Question: What is 3 + 4?"}, {"role": "assistant", "content": "#### 7"}]
+    rows = [{"messages": turn}, {"messages": turn * 6}, GOOD]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    kept, report = validate(read_records(data), "sft", str(data), tokenizer=tiny_tokenizer, max_length=64)
+    assert len(kept) == 2 and report.n_dropped == 1 and report.truncated == 1  # GOOD is prompt/completion: dropped
+    assert report.as_dict()["truncated"] == 1
+    enforce(report, max_dropped_fraction=0.5)
+    out = capsys.readouterr().out
+    assert "1 kept row(s) are longer than max_length=64 and are truncated" in out and f"First: {data}:2 (" in out
+    _, report = validate(read_records(data), "sft", str(data), tokenizer=tiny_tokenizer, max_length=1024)
+    assert report.truncated == 0
+
+
 def test_stage_saves_the_report_and_fails_above_the_threshold(tiny_hf_dir, tmp_path, capsys):
     bad = {"prompt": USER, "completion": [{"role": "assistant", "content": ""}]}
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 8 + [bad] * 2)

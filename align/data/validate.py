@@ -38,6 +38,9 @@ class DataReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    max_length: int | None = None
+    truncated: int = 0  # kept rows longer than max_length, which the trainer truncates
+    truncated_example: str = ""
 
     def drop(self, where: str, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -50,12 +53,17 @@ class DataReport:
 
     def as_dict(self) -> dict:
         return {"source": self.source, "kind": self.kind, "total": self.total, "kept": self.kept,
-                "dropped": dict(self.dropped), "examples": self.examples}
+                "dropped": dict(self.dropped), "examples": self.examples, "truncated": self.truncated}
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
-        lines = [f"{self.source}: kept {self.kept} of {self.total} rows, dropped {self.n_dropped} ({reasons})"]
+        lines = [f"{self.source}: kept {self.kept} of {self.total} rows, dropped {self.n_dropped}"
+                 + (f" ({reasons})" if reasons else "")]
         lines += [f"  {e}" for e in self.examples[:10]]
+        if self.truncated:
+            lines.append(f"  {self.truncated} kept row(s) are longer than max_length={self.max_length} and are "
+                         "truncated: the end of the answer (in a conversation, every later turn) is not trained "
+                         f"on; raise max_length to keep them whole. First: {self.truncated_example}")
         return "\n".join(lines)
 
 
@@ -178,7 +186,7 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
     dropped too, and prompts longer than `max_prompt_length`."""
     if kind not in FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; one of {', '.join(FORMATS)}")
-    report = DataReport(source=source, kind=kind, total=len(records))
+    report = DataReport(source=source, kind=kind, total=len(records), max_length=max_length)
     if kind == "preference":
         records = [Record(r.where, explicit_prompt(r.row), r.error) if r.row is not None else r for r in records]
     if not records:
@@ -227,6 +235,11 @@ def validate(records: list[Record], kind: str, source: str, *, extra_columns: tu
         if problem:
             report.drop(record.where, *problem)
             continue
+        if tokenizer is not None and max_length is not None and long_rows == "truncate" and kind != "prompt":
+            n_tokens = _full_length(row, kind, tokenizer)
+            if n_tokens > max_length:
+                report.truncated += 1
+                report.truncated_example = report.truncated_example or f"{record.where} ({n_tokens} tokens)"
         kept.append({c: row[c] for c in needed})
     report.kept = len(kept)
     return kept, report
@@ -274,6 +287,14 @@ def _row_problem(row: dict, kind: str, conversational: bool) -> tuple[str, str] 
     return None
 
 
+def _full_length(row, kind, tokenizer) -> int:
+    """Tokens of the whole row as the trainer tokenizes it (the longer side of a preference pair)."""
+    if "messages" in row:
+        return len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+    completions = [row["completion"]] if kind == "sft" else [row["chosen"], row["rejected"]]
+    return max(full_tokens(tokenizer, row["prompt"], c) for c in completions)
+
+
 def _length_problem(row, kind, tokenizer, max_length, long_rows, max_prompt_length) -> tuple[str, str] | None:
     if kind == "sft" and "messages" in row:
         first_reply = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
@@ -302,7 +323,7 @@ def _length_problem(row, kind, tokenizer, max_length, long_rows, max_prompt_leng
 
 def enforce(report: DataReport, max_dropped_fraction: float) -> None:
     """Print what was dropped; raise DataError when nothing is left or more than the allowed fraction was dropped."""
-    if report.n_dropped:
+    if report.n_dropped or report.truncated:
         print(f"[align] {report.summary()}")
     if report.kept == 0:
         raise DataError(f"{report.summary()}\nno usable rows left; fix the rows above ({HINT})")
