@@ -161,9 +161,11 @@ def test_stage_saves_the_report_and_fails_above_the_threshold(tiny_hf_dir, tmp_p
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["dropped"] == {"empty_completion": 2} and report["train"]["kept"] == 8
     assert not (out / "model.safetensors").exists()
-    # Within the threshold the run goes on, and the count is still saved.
-    assert sft_main(tiny_hf_dir, tmp_path / "ok", data, "--max_dropped_fraction", "0.25") == 0
-    assert json.loads((tmp_path / "ok" / "data_report.json").read_text())["train"]["kept"] == 8
+    # Within the threshold the run goes on, and the count is still saved; the stopped run's directory, which
+    # holds nothing but its report, takes the next attempt without --overwrite.
+    assert sft_main(tiny_hf_dir, out, data, "--max_dropped_fraction", "0.25") == 0
+    assert json.loads((out / "data_report.json").read_text())["train"]["kept"] == 8
+    assert (out / "model.safetensors").exists() and not list(tmp_path.glob("out.old-*"))
 
 
 def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path, capsys):

@@ -19,7 +19,7 @@ from align.data import tasks
 from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
 from align.hardware import bf16_supported, device_type, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
-from align.runs import (WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
+from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
                         truncate_log, write_json)
 
 DEMO = "demo"
@@ -138,10 +138,12 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     check_output_path(out)
     resume = resume_arg(training_args)
     has_checkpoint = out.is_dir() and any(out.glob("checkpoint-*"))
+    # A run stopped by its data checks leaves only data_report.json: the next attempt starts there afresh.
+    stopped_at_data = out.is_dir() and {p.name for p in out.iterdir()} - {LOCK_FILE} == {"data_report.json"}
     if resume is True and not has_checkpoint:
         raise StageError(f"--resume_from_checkpoint true: {out} holds no checkpoint-N to continue from (a run saves "
                          "them with --save_strategy steps --save_steps N); start again with --overwrite true")
-    if out.is_dir() and any(out.iterdir()) and not (resume is not None or data_args.overwrite):
+    if out.is_dir() and any(out.iterdir()) and not (resume is not None or data_args.overwrite or stopped_at_data):
         resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume and has_checkpoint else ""
         raise FileExistsError(
             f"output directory {out} already exists and is not empty; pass --overwrite true to start again (the old "
@@ -153,6 +155,8 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
+        if stopped_at_data:
+            (out / "data_report.json").unlink()
         prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
     state.wait_for_everyone()
     set_seed(training_args.seed)
