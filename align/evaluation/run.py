@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, available_tasks, normalise_corpus,
-                                    render, select, user_tasks)
+from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, available_tasks,
+                                    normalise_corpus, render, select, user_tasks)
 
 log = logging.getLogger("align.eval")
 
