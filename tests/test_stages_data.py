@@ -498,7 +498,8 @@ def test_a_dataset_saved_with_save_to_disk(tmp_path):
                          dataset_test_split="test_sft")
     train, evaluation = load_stage_data(args, training_args, "sft", tmp_path)
     assert (len(train), len(evaluation)) == (6, 2) and train[0] == {k: rows[0][k] for k in ("prompt", "completion")}
-    assert json.loads((tmp_path / "data_report.json").read_text())["train"]["source"] == f"{tmp_path / 'dict'}[train_sft]"
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["train"]["source"] == f"{tmp_path / 'dict'}[train_sft]"
     train, evaluation = load_stage_data(DataArguments(dataset_name=str(tmp_path / "one")), training_args, "sft",
                                         tmp_path)
     assert (len(train), len(evaluation)) == (8, 0)
