@@ -28,7 +28,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    from align.model.hf import export, load_checkpoint
+    from align.model.hf import check_exportable, export, load_checkpoint
     from align.pretrain import find_tokenizer_dir
     from align.runs import holds_cwd, prepare_output_dir
 
@@ -69,6 +69,7 @@ def export_main(argv: list[str] | None = None) -> int:
                   f"checkpoint comes from ({run_tokenizer}): its token ids may mean other things than the weights "
                   "learnt",
                   file=sys.stderr)
+        check_exportable(model, tokenizer)  # a refused export leaves --out where it was
         if args.overwrite:
             prepare_output_dir(out_dir, overwrite=True)  # the old directory is moved aside, never deleted
         out = export(model, tokenizer, out_dir, overwrite=args.overwrite)

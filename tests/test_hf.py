@@ -484,3 +484,19 @@ def test_export_command_keeps_what_it_would_replace(tmp_path, tiny_tokenizer, ca
     idx = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(from_hf(out)(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_export_command_refuses_before_moving_the_old_export_aside(tmp_path, tiny_tokenizer, capsys):
+    """A model (or tokenizer) export would refuse leaves --out as it was, not moved aside for an empty directory."""
+    from align.cli import export_main
+
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    tiny_tokenizer.save_pretrained(run_dir / "tokenizer")
+    save_checkpoint(GPT(tiny_config()), run_dir / "checkpoints" / "step-000010")
+    assert export_main([str(run_dir / "checkpoints" / "step-000010"), "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    for name, fields in (("step-000020", dict(norm="layernorm")), ("step-000030", dict(vocab_size=300))):
+        save_checkpoint(GPT(tiny_config(**fields)), run_dir / "checkpoints" / name)
+        assert export_main([str(run_dir / "checkpoints" / name), "--out", str(out), "--overwrite"]) == 2
+        assert "align export: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and not list(tmp_path.glob("hf.old-*"))

@@ -414,6 +414,20 @@ def replace_dir_atomically(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_exportable(model: GPT, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The ValueError export would raise for this model and tokenizer, before anything is written or moved aside."""
+    model = unwrap(model)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer needs a pad token distinct from eos (PPO masks padding by pad_token_id)")
+    if id_limit(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has token ids up to {id_limit(tokenizer) - 1} but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+    if model.config.family is None:
+        hf_config(model.config)  # raises, saying why no transformers class expresses the config
+
+
 def export(
     model: GPT,
     tokenizer: PreTrainedTokenizerBase,
@@ -427,13 +441,7 @@ def export(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another directory or overwrite it "
                               "(`align export --overwrite` moves it aside first)")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("the tokenizer needs a pad token distinct from eos (PPO masks padding by pad_token_id)")
-    if id_limit(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has token ids up to {id_limit(tokenizer) - 1} but the model's vocab_size is "
-            f"{model.config.vocab_size}"
-        )
+    check_exportable(model, tokenizer)
     hf_model = to_hf(model)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(hf_model.config, key, getattr(tokenizer, key))
