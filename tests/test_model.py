@@ -22,6 +22,8 @@ from conftest import tiny_config
         (dict(intermediate_size="big"), "intermediate_size"),
         (dict(rope_theta=0.0), "rope_theta"),
         (dict(norm_eps=-1e-5), "norm_eps"),
+        (dict(norm_eps=float("inf")), "norm_eps must be a positive finite number"),  # all-zero logits
+        (dict(rope_theta=float("nan")), "rope_theta"),
         (dict(tie_embeddings="yes"), "tie_embeddings"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,8 @@ class GPTConfig:
             setattr(self, name, int(value))  # numpy's integers too, stored as plain ints (JSON, HF configs)
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
         for name in ("tie_embeddings", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
