@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from align.data.corpus import DataError, check_sources
-from align.data.prepare import DataConfig, adapt_tokenizer, prepare_data
+from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
 from align.hardware import bf16_supported, device_type, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
@@ -378,6 +378,11 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     if output_dir.is_dir() and has_contents(output_dir) and not (cfg.resume or cfg.overwrite):
         prepare_output_dir(output_dir)  # raises the standard "exists; --resume or --overwrite" error
     use_init_tokenizer(cfg, data_cfg)
+    data_home = resolve_data_dir(data_cfg, cache_key(data_cfg)[0]).resolve()
+    if not cfg.resume and (data_home == output_dir.resolve() or output_dir.resolve() in data_home.parents):
+        # A new run needs output_dir empty, which its own data would not leave it; --overwrite would move it aside
+        raise ConfigError(f"the data directory {data_home} is inside output_dir {output_dir}, which a new run needs "
+                          "empty and --overwrite moves aside; set data_dir (or ALIGN_HOME) to a directory outside it")
 
     use_cpu = device_type() == "cpu"
     state = PartialState(cpu=use_cpu)

@@ -488,6 +488,17 @@ def test_existing_output_dir_is_refused_then_moved_aside(setup, capsys):
     assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "precious"
 
 
+def test_data_dir_inside_the_output_dir_is_refused_before_anything_is_written(setup, capsys):
+    # Its own data would leave a new run's output_dir non-empty (refused after preparing), and --overwrite would
+    # move the data aside with the old run.
+    tmp, recipe = setup
+    out = tmp / "holds-data"
+    assert run(recipe, out, "--data_dir", str(out / "data"), "--max_steps", "2") == 2
+    err = capsys.readouterr().err
+    assert f"the data directory {out / 'data'} is inside output_dir {out}" in err and "outside it" in err
+    assert not out.exists()
+
+
 def test_missing_data_file(setup, capsys):
     tmp, recipe = setup
     assert run(recipe, tmp / "nodata", "--sources", str(tmp / "missing.jsonl"), "--data_dir", str(tmp / "d2")) == 2
