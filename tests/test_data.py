@@ -146,6 +146,24 @@ def test_a_directory_source_follows_symlinks_skips_hidden_and_says_what_it_left_
         local_files(str(tmp_path / "saved"))
 
 
+def test_a_directory_source_leaves_out_the_data_and_runs_align_wrote_into_it(tmp_path, capsys):
+    # `sources: [.]` run from the corpus directory: the next run must not read runs/data/*/tokenizer/*.json,
+    # val.jsonl or a run's train_log.jsonl and checkpoints as documents (nor change the cache key by them).
+    (tmp_path / "doc.txt").write_text("the user's own document")
+    data = tmp_path / "runs" / "data" / "corpus-123"
+    (data / "tokenizer").mkdir(parents=True)
+    (data / "tokenizer" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    (data / "meta.json").write_text("{}")
+    write_jsonl(data / "val.jsonl", [{"text": "a validation document"}])
+    run = tmp_path / "runs" / "pretrain"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002" / "gpt_config.json").write_text('{"n_layer": 2}')
+    (run / "recipe.yaml").write_text("max_steps: 2\n")
+    write_jsonl(run / "train_log.jsonl", [{"step": 1, "loss": 5.0}])
+    assert [t for _, t in iter_source(str(tmp_path))] == ["the user's own document"]
+    assert "skipped 2 directory(ies) of align's own output" in capsys.readouterr().err
+
+
 def test_null_texts_are_counted_and_utf16_is_named(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:40]] + [{"text": None}] * 3)
     data_dir = prepare_data(small_cfg(tmp_path, [str(path)]), log=lambda *a: None)

@@ -79,15 +79,15 @@ def local_files(spec: str) -> list[Path]:
     return files
 
 
-_WARNED_DIRECTORIES: set[Path] = set()
+_WARNED_DIRECTORIES: set[tuple[Path, str]] = set()  # (root, what was skipped)
 
 
 def _directory_files(root: Path) -> list[Path]:
     """The supported files under a directory, following symlinked directories (each real one once) and skipping
-    hidden ones (.git, .cache); the files of other types are left out, and said."""
+    hidden ones (.git, .cache) and align's own output; the files of other types are left out, and said."""
     if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
         raise DataError(f"{root} is a dataset saved with save_to_disk: name it as the source `hf:{root}`")
-    files, skipped, seen = [], [], set()
+    files, skipped, ours, seen = [], [], [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop, or a second link to a directory already read
@@ -95,16 +95,34 @@ def _directory_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        ours += [Path(dirpath) / d for d in dirnames if _align_output(Path(dirpath) / d)]
+        dirnames[:] = [d for d in dirnames if not _align_output(Path(dirpath) / d)]
         for name in filenames:
             f = Path(dirpath) / name
             if name.startswith(".") or not f.is_file():
                 continue
             (files if _supported(f) else skipped).append(f)
-    if skipped and root not in _WARNED_DIRECTORIES:  # once: a source is listed for the check, the key and reading
-        _WARNED_DIRECTORIES.add(root)
+    # Each said once: a source is listed for the check, the key and reading.
+    if skipped and (root, "files") not in _WARNED_DIRECTORIES:
+        _WARNED_DIRECTORIES.add((root, "files"))
         print(f"[data] warning: {root}: skipped {len(skipped)} file(s) of other types (e.g. {skipped[0]}); sources "
               f"are {', '.join(LOCAL_SUFFIXES)} files, optionally .gz", file=sys.stderr)
+    if ours and (root, "ours") not in _WARNED_DIRECTORIES:
+        _WARNED_DIRECTORIES.add((root, "ours"))
+        print(f"[data] warning: {root}: skipped {len(ours)} directory(ies) of align's own output (prepared data or "
+              f"runs, e.g. {ours[0]}), which are not corpus", file=sys.stderr)
     return sorted(files)
+
+
+def _align_output(path: Path) -> bool:
+    """A directory align wrote: prepared data (meta.json beside tokenizer/) or a run (recipe.yaml with its log,
+    metrics, checkpoints or tokenizer). A directory source that holds the runs (`sources: [.]`) would otherwise read
+    their JSON files and logs as documents on the next run."""
+    if (path / "meta.json").is_file() and (path / "tokenizer").is_dir():
+        return True
+    return (path / "recipe.yaml").is_file() and any(
+        (path / name).exists() for name in ("train_log.jsonl", "metrics.json", "checkpoints", "tokenizer",
+                                            "data_report.json"))
 
 
 def _base_name(path: Path) -> str:
