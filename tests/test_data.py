@@ -479,6 +479,25 @@ def test_bad_jsonl(tmp_path):
         list(iter_source(str(path)))
 
 
+def test_json_beyond_pythons_limits_and_parquet_strings_that_are_not_utf8_are_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a row", "id": ' + "9" * 5000 + "}\n")  # valid JSON
+    with pytest.raises(DataError, match=r"rows.jsonl:2: JSON that Python cannot read \(Exceeds the limit"):
+        list(iter_source(str(path)))
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match=r"deep.json: JSON that Python cannot read \(maximum recursion depth"):
+        list(iter_source(str(tmp_path / "deep.json")))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a writer that does not check its strings: latin-1 bytes in a string column
+    column = pa.array([b"fine", "caf\xe9".encode("latin-1")], pa.binary()).cast(pa.string(), safe=False)
+    pq.write_table(pa.table({"text": column}), tmp_path / "latin1.parquet")
+    with pytest.raises(DataError, match=r"latin1.parquet\[rows 0-1\]: column 'text' holds bytes that are not valid "
+                                        r"UTF-8 \(.* 0xe9\)"):
+        list(iter_source(str(tmp_path / "latin1.parquet")))
+
+
 def test_empty_corpus_after_filtering(tmp_path):
     path = write_jsonl(tmp_path / "short.jsonl", [{"text": "hi"}, {"text": "yo"}, {"text": "hi"}])
     with pytest.raises(DataError, match=r"no documents left after cleaning.*3 documents read.*too_short 3.*min_chars"):

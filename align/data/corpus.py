@@ -249,6 +249,9 @@ def _json(text: str, path: Path, lineno: int):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno + e.lineno - 1}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # valid JSON beyond Python's limits: a 4300-digit integer, deep nesting
+        where = f"{path}:{lineno}" if _base_name(path).endswith(".jsonl") else str(path)
+        raise DataError(f"{where}: JSON that Python cannot read ({e}); fix or drop that row") from None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -288,7 +291,13 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
         )
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-        for value in batch.column(0).to_pylist():  # string, large_string, string_view, dictionary (categorical)
+        try:
+            values = batch.column(0).to_pylist()  # string, large_string, string_view, dictionary (categorical)
+        except UnicodeDecodeError as e:  # a writer that did not check its strings
+            raise DataError(f"{path}[rows {row}-{row + batch.num_rows - 1}]: column {text_field!r} holds bytes that "
+                            f"are not valid UTF-8 ({e.reason} at byte 0x{e.object[e.start]:02x}); write the file "
+                            "again with valid text") from None
+        for value in values:
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{path}[row {row}]: column {text_field!r} holds {type(value).__name__}, not text; "
                                 "set `text_field` to the text column")
