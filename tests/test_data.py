@@ -598,6 +598,14 @@ def test_existing_foreign_data_dir(tmp_path):
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
 
 
+def test_a_data_dir_whose_source_file_changed_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:50]])
+    prepare_data(small_cfg(tmp_path, [str(path)]), log=lambda *a: None)
+    write_jsonl(path, [{"text": t} for t in PARAGRAPHS[:51]])
+    with pytest.raises(DataError, match=r"differs in: source files added, removed or edited \(.*docs.jsonl\)\)"):
+        prepare_data(small_cfg(tmp_path, [str(path)]))
+
+
 def test_data_of_an_older_format_says_so_whatever_else_its_key_changed(tmp_path, prepared):
     import shutil
 

@@ -154,6 +154,13 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
             raise DataError(f"data_dir {data_dir} was prepared by another version of align (data format "
                             f"{old.get('format')}, now {FORMAT_VERSION}); delete it to prepare it again, or choose "
                             "another data_dir")
+        if "fingerprints" in changed:  # say which files: "fingerprints" alone does not tell a user what changed
+            before, now = ({tuple(f) for s in fps for f in s if isinstance(f, list)}
+                           for fps in (old.get("fingerprints") or [], spec["fingerprints"]))
+            files = sorted({str(f[0]) for f in before ^ now})
+            changed[changed.index("fingerprints")] = (
+                f"source files added, removed or edited ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+                if files else "the embedded corpora's versions")
         raise DataError(
             f"data_dir {data_dir} was prepared from a different data config (differs in: {', '.join(changed)}); "
             "leave data_dir unset to get a directory per config, choose another data_dir, or delete this one"
