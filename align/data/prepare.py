@@ -66,7 +66,8 @@ class DataConfig:
     hf_split: str = field(default="train", metadata={"help": "split of hf: sources"})
     max_chars_per_source: int | None = field(
         default=None,
-        metadata={"help": "take about this many characters from each text source (streamed hf: sources need a cap)"},
+        metadata={"help": "take about this many characters from each text source, in whole documents (streamed hf: "
+                          "sources need a cap)"},
     )
     arithmetic_documents: int = field(default=45_000, metadata={"help": "documents the `arithmetic` source generates"})
     encoding_errors: str = field(
