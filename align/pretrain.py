@@ -673,6 +673,10 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
         export(final_model, tokenizer, output_dir / "hf", overwrite=True, extra_files=extra)
         log(f"[pretrain] done: train_loss {metrics['train_loss']:.4f}, val_loss {last_val:.4f} "
             f"(ppl {metrics['val_ppl']:.2f}), {train_state.tokens:,} tokens -> {output_dir / 'hf'}")
+        if metrics["mfu"] and metrics["mfu"] > 1 and not cfg.peak_flops:
+            log(f"[pretrain] note: mfu {metrics['mfu']:.0%} is above 100%: the matmul peak measured at the start "
+                f"({peak / 1e9:.0f} GFLOP/s) came out low, as on a machine busy at that moment; pass --peak_flops "
+                "for a fixed reference")
     accelerator.wait_for_everyone()
     return metrics
 

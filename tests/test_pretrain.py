@@ -791,3 +791,15 @@ def test_a_validation_larger_than_the_val_split_is_said(setup, capsys):
     out = capsys.readouterr().out
     assert "eval_batches 1 x batch_size 1024 = 1024 windows, but the val split holds " in out
     assert "fewer than one batch: raise val_fraction" in out
+
+
+def test_an_mfu_above_one_says_the_measured_peak_was_low(setup, monkeypatch, capsys):
+    """A peak measured while the machine was busy makes MFU exceed 100%: the run says why, and how to fix it."""
+    import align.pretrain
+
+    tmp, recipe = setup
+    monkeypatch.setattr(align.pretrain, "peak_flops", lambda *args: 1e6)  # 1 MFLOP/s: any step beats it
+    assert run(recipe, tmp / "low-peak", "--max_steps", "2") == 0
+    assert "is above 100%: the matmul peak measured at the start (0 GFLOP/s) came out low" in capsys.readouterr().out
+    assert run(recipe, tmp / "fixed-peak", "--max_steps", "2", "--peak_flops", "1e6") == 0
+    assert "is above 100%" not in capsys.readouterr().out
