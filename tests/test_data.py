@@ -240,6 +240,9 @@ def test_hf_source_reads_a_dataset_saved_with_save_to_disk(tmp_path):
         list(iter_source(f"hf:{tmp_path / 'dict'}", hf_split="validation"))
     with pytest.raises(DataError, match="saved with save_to_disk, which has no configs"):
         list(iter_source(f"hf:{tmp_path / 'one'}:en"))
+    (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n')  # a file is a source itself, not a dataset
+    with pytest.raises(DataError, match=r"rows.jsonl is a file, and `hf:` takes a dataset name or a dataset directory"):
+        list(iter_source(f"hf:{tmp_path / 'rows.jsonl'}"))
     # a single saved Dataset is one split, read whole (train_test_split()["test"] records its split as "train")
     datasets.Dataset.from_dict(rows).train_test_split(test_size=5, seed=0)["test"].save_to_disk(str(tmp_path / "t"))
     assert len(list(iter_source(f"hf:{tmp_path / 't'}", hf_split="test"))) == 5

@@ -311,6 +311,9 @@ def _hf_dataset(spec: str, text_field: str, split: str) -> Iterator[tuple[str, s
 
     name, _, config = spec[len(HF_PREFIX):].partition(":")
     name = os.path.expanduser(name)
+    if Path(name).is_file():
+        raise DataError(f"{spec}: {name} is a file, and `hf:` takes a dataset name or a dataset directory; name the "
+                        f"file itself as the source ({name}), without `hf:`")
     try:
         if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
             stream = datasets.load_from_disk(name)  # written by save_to_disk: memory-mapped arrow, no streaming
