@@ -283,6 +283,25 @@ def test_a_resumed_stage_logs_each_step_once_and_says_where_it_resumed(tiny_hf_d
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
 
 
+def test_resuming_from_a_path_that_is_no_checkpoint_is_refused_first(tiny_hf_dir, tmp_path, capsys):
+    # transformers would find out only once the models and data were loaded, with a traceback, after data_report.json
+    # of the finished run in output_dir had been rewritten
+    from align.stages import dpo
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data_report.json").write_text("finished run's report")
+    (out / "model.safetensors").write_text("finished run's model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": USER, "chosen": GOOD["completion"],
+                                                   "rejected": [{"role": "assistant", "content": "#### 6"}]}] * 4)
+    typo = tmp_path / "out" / "checkpoint-5"
+    args = ["--model_name_or_path", str(tiny_hf_dir), "--output_dir", str(out), "--dataset_name", str(data),
+            "--max_steps", "1", "--resume_from_checkpoint", str(typo), *FAST]
+    assert_refused(capsys, lambda: dpo.main(args),
+                   rf"--resume_from_checkpoint {typo}: not a checkpoint directory \(no trainer_state.json there\)")
+    assert (out / "data_report.json").read_text() == "finished run's report"
+
+
 def test_a_grpo_recipe_repeats_its_run(tmp_path):
     # GRPOConfig derives generation_batch_size from steps_per_generation and refuses to be given both
     from trl import GRPOConfig

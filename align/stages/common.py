@@ -143,6 +143,10 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     if resume is True and not has_checkpoint:
         raise StageError(f"--resume_from_checkpoint true: {out} holds no checkpoint-N to continue from (a run saves "
                          "them with --save_strategy steps --save_steps N); start again with --overwrite true")
+    if resume not in (None, True) and not (Path(resume) / "trainer_state.json").is_file():
+        # checked before the models and data load (and data_report.json is rewritten); transformers would raise later
+        raise StageError(f"--resume_from_checkpoint {resume}: not a checkpoint directory (no trainer_state.json "
+                         "there); pass a checkpoint-N directory a run saved, or true for the latest in output_dir")
     if out.is_dir() and any(out.iterdir()) and not (resume is not None or data_args.overwrite or stopped_at_data):
         resume_hint = "--resume_from_checkpoint true to continue it, " if can_resume and has_checkpoint else ""
         raise FileExistsError(
