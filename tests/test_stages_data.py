@@ -500,6 +500,17 @@ def test_config_checks_while_parsing_are_one_line_errors(tmp_path, capsys):
     assert "eval_dataset" not in err and not (tmp_path / "s").exists()  # refused before anything was written
 
 
+def test_a_misspelt_dpo_loss_type_is_refused_before_anything_loads(tmp_path, capsys):
+    # TRL checks it only when it computes the first loss, with a traceback
+    from align.stages import dpo
+
+    args = ["--config", str(ROOT / "recipes/tiny/dpo.yaml"), "--model_name_or_path", str(tmp_path / "no-model"),
+            "--output_dir", str(tmp_path / "d"), "--loss_type", "sigmoid", "ipoo"]
+    assert_refused(capsys, lambda: dpo.main(args), r"^align dpo: error: loss_type ipoo is not a DPO loss; TRL's are "
+                                                   r"sigmoid, hinge, ipo, ")
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_dataset_saved_with_save_to_disk(tmp_path):
     """What an online machine saved with save_to_disk (a DatasetDict or one Dataset) reads offline like a hub
     dataset: the named splits; a missing split or a split asked of one Dataset is a clear error."""

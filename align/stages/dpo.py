@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
@@ -10,6 +11,7 @@ from align.stages.common import (
     DataArguments,
     JsonlLogger,
     NonFiniteGuard,
+    StageError,
     add_missing_tokens,
     check_model_dir,
     finish_run,
@@ -33,12 +35,22 @@ class DPOArguments(DataArguments):
     """Data and output options of `align dpo` (the trainer's own options are DPOConfig's)."""
 
 
+def check_loss_types(training_args: DPOConfig) -> None:
+    """TRL checks loss_type only when it computes the first loss: a traceback once models and data are loaded."""
+    help_text = next(f.metadata["help"] for f in fields(DPOConfig) if f.name == "loss_type")
+    known = re.findall(r"`'(\w+)'`", help_text)  # the values TRL's help lists, as the installed version has them
+    unknown = [t for t in training_args.loss_type if t not in known]
+    if known and unknown:
+        raise StageError(f"loss_type {', '.join(unknown)} is not a DPO loss; TRL's are {', '.join(known)}")
+
+
 def build_trainer(script_args: DPOArguments, training_args: DPOConfig, model_args: ModelConfig):
     """The DPOTrainer for a recipe (reference = a frozen copy of the start model, or the adapter disabled under
     LoRA), with the output directory prepared; returns (trainer, output_dir)."""
     from transformers import AutoModelForCausalLM
 
     require_eval_data(script_args, training_args)
+    check_loss_types(training_args)
     path = check_model_dir(model_args.model_name_or_path, "SFT model", "model_name_or_path")  # before --overwrite
     out = start_run(training_args, script_args)
     tokenizer = load_tokenizer(path)
