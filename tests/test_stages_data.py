@@ -621,6 +621,10 @@ def test_reward_eval_accuracy_counts_every_pair(tiny_hf_dir, tmp_path):
     assert metrics["eval_pairs"] == 7
     assert metrics["eval_accuracy"] == pytest.approx(wins / 7)
     assert "eval_accuracy_batch_mean" in metrics  # TRL's own figure, kept under its own name
+    # the model card shows how to score with it (not to generate text) and its snippet runs as written
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert "AutoModelForSequenceClassification" in snippet and "pipeline" not in snippet
+    exec(snippet.replace("PATH/TO/THIS/DIR", str(out)), {})
 
 
 def test_the_same_seed_gives_the_same_reward_model(tiny_hf_dir, tmp_path):

@@ -640,6 +640,26 @@ def tokens_added(base: str, out: Path) -> list[str]:
     return sorted((t for t in after if t not in before), key=after.get)
 
 
+GENERATE_USAGE = """```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")
+question = "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"
+print(generate([{"role": "user", "content": question}])[0]["generated_text"][-1]["content"])
+```
+"""
+# A reward model scores a conversation; it is not meant to generate (pipeline("text-generation") still loads it).
+REWARD_USAGE = """```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIR")
+model = AutoModelForSequenceClassification.from_pretrained("PATH/TO/THIS/DIR")
+question = "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"
+messages = [{"role": "user", "content": question}, {"role": "assistant", "content": "3 + 4 = 7\\n#### 7"}]
+inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+print(model(**inputs).logits[0, 0].item())  # the score, read at the eos that closes the answer
+```
+"""
+
+
 def finish_run(out: Path, stage: str, metrics: dict, configs: tuple, base: str, dataset: str) -> None:
     """metrics.json, the resolved recipe.yaml and a short model card, written by the main process."""
     if not PartialState().is_main_process:
@@ -666,11 +686,5 @@ Stage `{stage}` (TRL) from `{base}` on `{dataset}`. The resolved recipe is in `r
 |---|---|
 {rows}
 
-```python
-from transformers import pipeline
-generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")
-question = "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"
-print(generate([{{"role": "user", "content": question}}])[0]["generated_text"][-1]["content"])
-```
-""")
+{REWARD_USAGE if stage == "reward" else GENERATE_USAGE}""")
     log(f"{stage}: wrote {out} (model, tokenizer, metrics.json, recipe.yaml)")
