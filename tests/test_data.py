@@ -547,6 +547,9 @@ def test_shards_too_small_for_a_window_say_so(tmp_path, prepared):
     (dict(data_name=""), "data_name must be a plain name"),
     (dict(num_proc=-1), "num_proc must be >= 0"),
     (dict(max_chars_per_source=0), "max_chars_per_source must be positive"),
+    (dict(tokenizer_train_chars=0), "tokenizer_train_chars must be positive"),
+    (dict(arithmetic_documents=-1), "arithmetic_documents must be >= 0"),
+    (dict(min_chars=-5), "min_chars must be >= 0"),
 ])
 def test_bad_data_settings(tmp_path, fields, message):
     with pytest.raises(DataError, match=message):

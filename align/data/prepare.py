@@ -100,6 +100,11 @@ class DataConfig:
                             f"{self.max_chars_per_source}")
         if self.shard_tokens <= 0:
             raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
+        if self.tokenizer_train_chars <= 0:  # 0 would train the BPE on the first document alone
+            raise DataError(f"tokenizer_train_chars must be positive, got {self.tokenizer_train_chars}")
+        for name in ("arithmetic_documents", "min_chars"):
+            if getattr(self, name) < 0:
+                raise DataError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_proc < 0:
             raise DataError(f"num_proc must be >= 0 (0: one per core, at most 8), got {self.num_proc}")
         if not isinstance(self.data_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.data_name):
