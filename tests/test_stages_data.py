@@ -236,6 +236,8 @@ def test_ppo_refuses_what_trl_1_12_gets_wrong(tiny_hf_dir, tmp_path, capsys):
                    r"stop_token_id=5 is not eos.*TRL #3750")
     assert_refused(capsys, lambda: ppo.main(args + ["--model_name_or_path", str(tiny_hf_dir)]),
                    r"reads --sft_model_path")
+    assert_refused(capsys, lambda: ppo.main(args + ["--response_length", "128"]),
+                   r"response_length 128 leaves no room for a prompt in the model's 128 positions")
     assert not (tmp_path / "p").exists()  # refused before anything was written
     # PPO cannot resume, so its refusal of a finished output_dir offers only --overwrite or another --output_dir.
     (tmp_path / "p").mkdir()
@@ -243,6 +245,14 @@ def test_ppo_refuses_what_trl_1_12_gets_wrong(tiny_hf_dir, tmp_path, capsys):
     err = assert_refused(capsys, lambda: ppo.main(args), r"already exists and is not empty; pass --overwrite true.*"
                                                           r"or choose another --output_dir")
     assert "--resume_from_checkpoint" not in err
+
+
+def test_ppo_prompts_are_capped_to_what_fits_beside_the_response(capsys):
+    """A prompt and its response must fit the policy's positions (a GPT-2 fails mid-run past them)."""
+    assert ppo.prompt_room(128, 18, 512) == 110 and "prompts over 110 tokens are dropped" in capsys.readouterr().out
+    assert ppo.prompt_room(128, 18, None) == 110 and "(max_prompt_length was unset)" in capsys.readouterr().out
+    assert ppo.prompt_room(128, 18, 64) == 64 and ppo.prompt_room(None, 18, 64) == 64
+    assert capsys.readouterr().out == ""
 
 
 def test_existing_output_dir_is_refused_unless_overwrite(tiny_hf_dir, tmp_path, capsys):

@@ -104,6 +104,22 @@ def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, r
         )
 
 
+def prompt_room(context: int | None, response_length: int, max_prompt_length: int | None) -> int | None:
+    """The longest prompt PPO can take: a prompt and its response must fit the policy's `context` positions
+    (past them a model with learned positions fails mid-run, one with RoPE extrapolates)."""
+    if context is None:
+        return max_prompt_length
+    if response_length >= context:
+        raise StageError(f"response_length {response_length} leaves no room for a prompt in the model's {context} "
+                         "positions; lower --response_length")
+    room = context - response_length
+    if max_prompt_length is None or max_prompt_length > room:
+        log(f"prompts over {room} tokens are dropped: with response_length {response_length} longer ones would not "
+            f"fit the model's {context} positions (max_prompt_length was {max_prompt_length or 'unset'})")
+        return room
+    return max_prompt_length
+
+
 def check_ppo_config(training_args: PPOConfig, tokenizer) -> None:
     """Refuse PPOConfig combinations that trl 1.12's PPOTrainer gets silently wrong."""
     if resume_arg(training_args) is not None:
@@ -142,7 +158,7 @@ def tokenize_prompts(rows: list[dict], tokenizer):
 
 def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_args: ModelConfig):
     """The PPOTrainer for a recipe, with the output directory prepared; returns (trainer, output_dir, monitor)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if model_args.model_name_or_path:
         raise StageError("PPO reads --sft_model_path (policy and reference) and --reward_model_path, not "
@@ -153,6 +169,8 @@ def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_arg
     require_pad(tokenizer, sft_path, "ppo")
     check_same_tokenizer(tokenizer, load_tokenizer(reward_path), sft_path, reward_path)
     check_ppo_config(training_args, tokenizer)
+    context = getattr(AutoConfig.from_pretrained(sft_path), "max_position_embeddings", None)
+    script_args.max_prompt_length = prompt_room(context, training_args.response_length, script_args.max_prompt_length)
     out = start_run(training_args, script_args, can_resume=False)  # refused by check_ppo_config
 
     policy = AutoModelForCausalLM.from_pretrained(sft_path, **model_kwargs(model_args))
