@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, available_tasks,
-                                    normalise_corpus, render, select, user_tasks)
+from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, normalise_corpus, render,
+                                    select, user_tasks)
 
 log = logging.getLogger("align.eval")
 
@@ -192,7 +192,8 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         if not selections:
             raise EvalError("--source hub runs lm-eval's own tasks: name them with --tasks")
     else:
-        selections = select(args.suite, args.tasks, files, user_tasks(args.include_path))
+        extra_tasks = user_tasks(args.include_path)
+        selections = select(args.suite, args.tasks, files, extra_tasks)
     if not selections:
         raise EvalError("no task to run")
     names = {s.task for s in selections}
@@ -218,8 +219,7 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         if args.source == "hub":
             task_manager = TaskManager(include_path=args.include_path)
         else:
-            mine = set(available_tasks())
-            needs_pack = any(s.task in mine and s.task not in RUNTIME_FILES for s in selections)
+            needs_pack = any(s.task not in extra_tasks and s.task not in RUNTIME_FILES for s in selections)
             corpus = normalise_corpus(args.corpus_file, Path(tmp) / "corpus.jsonl") if args.corpus_file else None
             include = render(Path(tmp) / "tasks", require_pack() if needs_pack else None, args.demo_file, corpus)
             paths = [str(include)] + ([args.include_path] if args.include_path else [])
