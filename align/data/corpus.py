@@ -95,8 +95,9 @@ def _directory_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        ours += [Path(dirpath) / d for d in dirnames if _align_output(Path(dirpath) / d)]
-        dirnames[:] = [d for d in dirnames if not _align_output(Path(dirpath) / d)]
+        output = [d for d in dirnames if _align_output(Path(dirpath) / d)]
+        ours += [Path(dirpath) / d for d in output]
+        dirnames[:] = [d for d in dirnames if d not in output]
         for name in filenames:
             f = Path(dirpath) / name
             if name.startswith(".") or not f.is_file():
