@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"
 QUESTION = [{"role": "user", "content": "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
                                         "\nAnswer:"}]
-FAST = ["--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false", "--logging_steps", "1",
+FAST = ["--report_to", "none", "--save_strategy", "no", "--activation_checkpointing", "false", "--logging_steps", "1",
         "--dataloader_num_workers", "0"]
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Question: Ann has 2 cups and gets 3 more. How many cups does Ann have now?"
                                     "\nAnswer:"}]
 GOOD = {"prompt": USER, "completion": [{"role": "assistant", "content": "2 + 3 = 5\n#### 5"}]}
-FAST = ["--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false", "--logging_steps", "1"]
+FAST = ["--report_to", "none", "--save_strategy", "no", "--activation_checkpointing", "false", "--logging_steps", "1"]
 
 
 def write_jsonl(path, rows):
@@ -685,3 +685,39 @@ def test_exact_answer_reward_compares_numbers_and_reads_gsm8k_solutions():
     completions = ["so 1000 in all\n#### 1,000", "#### 7", "#### 72", "#### 7.5", "#### 7", "#### 3"]
     answers = ["1000", "7.0", "She sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "7.50", "seven", "-3"]
     assert exact_answer_reward(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_grpo_and_ppo_read_prompts_and_answers_from_named_columns(tiny_hf_dir, tmp_path, capsys):
+    """GSM8K's schema (question, and an answer that is a worked solution) trains GRPO without preprocessing, via
+    --dataset_prompt_field / --dataset_answer_field; a column that is not there is named."""
+    from trl import GRPOConfig, ModelConfig
+
+    from align.stages import grpo
+    from align.stages.common import parse_stage_args
+
+    rows = [{"question": f"Tom has {n} apples and buys 2 more. How many now?", "prompt": "a stale column",
+             "solution": f"{n} + 2 = <<{n}+2={n + 2}>>{n + 2}\n#### {n + 2}"} for n in range(8)]
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
+    args = ["--model_name_or_path", str(tiny_hf_dir), "--output_dir", str(tmp_path / "g"), "--dataset_name", str(data),
+            "--dataset_prompt_field", "question", "--dataset_answer_field", "solution", "--num_generations", "2",
+            "--per_device_train_batch_size", "4", "--max_completion_length", "8", *FAST]
+    trainer, _ = grpo.build_trainer(*parse_stage_args((grpo.GRPOArguments, GRPOConfig, ModelConfig), args))
+    assert trainer.train_dataset["prompt"] == [row["question"] for row in rows]
+    assert "are plain strings: the model generates from them as text, without its chat template" in \
+        capsys.readouterr().out
+    answers = trainer.train_dataset["answer"]
+    assert grpo.exact_answer_reward(["#### 2", "#### 4"], answer=answers[:2]) == [1.0, 0.0]
+
+    assert_refused(capsys, lambda: grpo.main(args[:-len(FAST)] + ["--dataset_answer_field", "final", "--output_dir",
+                                                                  str(tmp_path / "g2"), *FAST]),
+                   r"gsm8k\.jsonl: no column 'final' to read as 'answer' \(--dataset_answer_field; found: prompt, "
+                   r"question, solution\)")
+    rm = reward_dir_from(tiny_hf_dir, tmp_path / "rm")
+    ppo_args = ["--sft_model_path", str(tiny_hf_dir), "--reward_model_path", str(rm), "--output_dir",
+                str(tmp_path / "p"), "--dataset_name", str(data), "--dataset_prompt_field", "question",
+                "--response_length", "8", "--eval_prompts", "2", *FAST]
+    from trl.experimental.ppo import PPOConfig
+
+    trainer, _, _ = ppo.build_trainer(*parse_stage_args((ppo.PPOArguments, PPOConfig, ModelConfig), ppo_args))
+    tokenizer = trainer.processing_class
+    assert tokenizer.decode(trainer.train_dataset[0]["input_ids"]) == rows[0]["question"]

@@ -16,7 +16,8 @@ from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
 
 from align.data import tasks
-from align.data.validate import DATA_SUFFIXES, DataError, DataReport, dataset_records, enforce, read_records, validate
+from align.data.validate import (DATA_SUFFIXES, DataError, DataReport, Record, dataset_records, enforce,
+                                 read_records, validate)
 from align.hardware import bf16_supported, device_type, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
 from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
@@ -98,6 +99,17 @@ class DataArguments:
     )
     merge_lora: bool = field(
         default=True, metadata={"help": "with use_peft, save the merged model (loads anywhere) instead of the adapter"}
+    )
+
+
+@dataclass
+class PromptDataArguments(DataArguments):
+    """DataArguments of the stages that generate from prompts (PPO, GRPO), whose datasets often name them otherwise."""
+
+    dataset_prompt_field: str = field(
+        default="prompt",
+        metadata={"help": "the column holding the prompts, e.g. 'question' for GSM8K (a string is used as plain text, "
+                          "without the chat template; a list of {role, content} turns goes through it)"},
     )
 
 
@@ -500,9 +512,14 @@ def split_eval(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict
     return train, held
 
 
-def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=None, **checks):
-    """Read, validate and split a stage's data; saves data_report.json; returns (train rows, eval rows)."""
+def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=None, columns=None, **checks):
+    """Read, validate and split a stage's data; saves data_report.json; returns (train rows, eval rows).
+    `columns` maps the stage's column names to the dataset's (from the recipe's dataset_<name>_field)."""
     train_records, eval_records, source = load_records(data_args, training_args, kind)
+    if columns:
+        train_records = rename_columns(train_records, columns, source)
+        if eval_records is not None:
+            eval_records = rename_columns(eval_records, columns, f"{source} (eval)")
     train, train_report = validate(train_records, kind, source, tokenizer=tokenizer, **checks)
     reports: dict[str, DataReport] = {"train": train_report}
     if eval_records is not None:
@@ -521,7 +538,27 @@ def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=No
             enforce_quietly(report, data_args.max_dropped_fraction)
     if data_args.eval_fraction > 0 and eval_records is None and not evaluation:
         raise DataError(f"{source}: eval_fraction={data_args.eval_fraction} held out no rows; raise it or add rows")
+    if kind == "prompt" and train and getattr(tokenizer, "chat_template", None) and isinstance(train[0]["prompt"], str):
+        log(f"the prompts of {source} are plain strings: the model generates from them as text, without its chat "
+            "template; give them as [{role: user, content}] turns if it was fine-tuned on conversations")
     return train, evaluation
+
+
+def rename_columns(records: list[Record], columns: dict[str, str], source: str) -> list[Record]:
+    """The rows with each dataset column of `columns` (stage name -> dataset name) under the stage's name; the
+    dataset's own column of that name, if any, gives way."""
+    renames = {ours: theirs for ours, theirs in columns.items() if ours != theirs}
+    if not renames:
+        return records
+    found = set().union(*(r.row.keys() for r in records if r.row is not None))
+    for ours, theirs in renames.items():
+        if records and theirs not in found:
+            raise DataError(f"{source}: no column {theirs!r} to read as {ours!r} (--dataset_{ours}_field; found: "
+                            f"{', '.join(sorted(found)) or 'none'})")
+    return [r if r.row is None else
+            Record(r.where, {**{k: v for k, v in r.row.items() if k not in renames},
+                             **{ours: r.row[theirs] for ours, theirs in renames.items() if theirs in r.row}}, r.error)
+            for r in records]
 
 
 def enforce_quietly(report: DataReport, max_dropped_fraction: float) -> None:

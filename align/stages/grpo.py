@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from align.data.tasks import is_correct
 from align.stages.common import (
-    DataArguments,
     JsonlLogger,
     NonFiniteGuard,
+    PromptDataArguments,
     add_missing_tokens,
     check_model_dir,
     finish_run,
@@ -30,8 +30,14 @@ from align.stages.common import (
 
 
 @dataclass
-class GRPOArguments(DataArguments):
+class GRPOArguments(PromptDataArguments):
     """Data and output options of `align grpo`; the data needs 'prompt' and 'answer' (the number after ####)."""
+
+    dataset_answer_field: str = field(
+        default="answer",
+        metadata={"help": "the column holding the right answer: a number, or a worked solution ending in '#### N' "
+                          "(GSM8K's 'answer')"},
+    )
 
 
 def exact_answer_reward(completions, answer, **kwargs) -> list[float]:
@@ -52,7 +58,8 @@ def build_trainer(script_args: GRPOArguments, training_args: GRPOConfig, model_a
     added = add_missing_tokens(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
     fit_model_to_tokenizer(model, tokenizer)
-    train, evaluation = load_stage_data(script_args, training_args, "prompt", out, tokenizer,
+    columns = {"prompt": script_args.dataset_prompt_field, "answer": script_args.dataset_answer_field}
+    train, evaluation = load_stage_data(script_args, training_args, "prompt", out, tokenizer, columns=columns,
                                         extra_columns=("answer",))
     for row in train + evaluation:
         row["answer"] = str(row["answer"])  # numbers or strings in the file; compared as text

@@ -16,9 +16,9 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from align.hardware import unsharded_warning
 from align.stages.common import (
-    DataArguments,
     JsonlLogger,
     NonFiniteGuard,
+    PromptDataArguments,
     StageError,
     check_model_dir,
     finish_run,
@@ -43,7 +43,7 @@ KL_TOLERANCE = 0.01  # the k1 estimate is a noisy sample mean: tiny negative val
 
 
 @dataclass
-class PPOArguments(DataArguments):
+class PPOArguments(PromptDataArguments):
     """Data options of `align ppo`; the models are PPOConfig's sft_model_path and reward_model_path."""
 
     max_prompt_length: int | None = field(
@@ -190,6 +190,7 @@ def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_arg
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token: eos
 
     train, evaluation = load_stage_data(script_args, training_args, "prompt", out, tokenizer,
+                                        columns={"prompt": script_args.dataset_prompt_field},
                                         max_prompt_length=script_args.max_prompt_length)
     evaluation = evaluation or train[: script_args.eval_prompts]
     monitor = PPOMonitor(out / LOG_FILE)
