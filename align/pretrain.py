@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from align.data.corpus import DataError, check_sources
-from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
+from align.data.prepare import DataConfig, Terminated, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
 from align.hardware import bf16_supported, device_type, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
@@ -807,6 +807,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the half-prepared directory was removed on the way out
         print("align prepare-data: interrupted; no prepared data was kept", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("align prepare-data: terminated (SIGTERM); no prepared data was kept", file=sys.stderr)
+        return e.code
     print(f"[data] ready: {data_dir}")
     return 0
 
@@ -822,4 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, MemoryError) as e:
         print(f"align pretrain: error: {e}", file=sys.stderr)
         return 1
+    except Terminated as e:  # during data preparation; in the loop SIGTERM saves a checkpoint and returns
+        print("align pretrain: terminated (SIGTERM) while preparing data; no prepared data was kept", file=sys.stderr)
+        return e.code
     return 128 + signal.Signals[result["signal"]] if "stopped_at" in result else 0  # 143 for SIGTERM, 130 Ctrl-C

@@ -2,10 +2,14 @@
 
 import gzip
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -684,3 +688,27 @@ def test_align_cli_dispatches_prepare_data(tmp_path):
     out = subprocess.run([sys.executable, "-m", "align.cli", "prepare-data", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--sources" in out.stdout and "--max_chars_per_source" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "pretrain"])
+def test_sigterm_while_preparing_data_removes_the_half_prepared_directory(tmp_path, command):
+    """scancel or a Slurm time limit during tokenizing: exit 143 with a message, and no hidden temporary directory
+    left in the data cache (SIGTERM's default action used to end the process before any cleanup)."""
+    rows = [{"text": f"{i} " + PARAGRAPHS[i % len(PARAGRAPHS)] * 6} for i in range(20_000)]
+    source = write_jsonl(tmp_path / "docs.jsonl", rows)
+    data_dir = tmp_path / "cache" / "d"
+    recipe = Path(__file__).resolve().parents[1] / "recipes/tiny/pretrain.yaml"
+    args = [command, "--config", str(recipe), "--sources", str(source), "--data_dir", str(data_dir),
+            "--num_proc", "2", "--output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cache").glob(".d.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the tokenizer's training or the tokenizing
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    assert "terminated (SIGTERM)" in err and "no prepared data was kept" in err and "Traceback" not in err, err
+    assert not list((tmp_path / "cache").iterdir())  # neither data_dir nor its temporary directory

@@ -9,8 +9,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,12 +248,33 @@ def build_tokenizer(cfg: DataConfig, log):
     return tokenizer
 
 
+class Terminated(SystemExit):
+    """SIGTERM (scancel, a Slurm time limit, `kill`) while data was being prepared; exits with 143 once the
+    half-written directory is removed (the signal's default action ends the process on the spot, leaving it)."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextmanager
+def sigterm_unwinds():
+    """Inside the block SIGTERM raises Terminated, so that `finally` clauses run."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def prepare_data(cfg: DataConfig, log=print) -> Path:
     """Build (or find in the cache) the tokenizer and token shards for `cfg`; returns the data directory."""
-    from tqdm.auto import tqdm
-
-    from align.tokenizer import id_limit, tokenizer_hash
-
     check_sources(cfg.sources)
     cached = cached_data_dir(cfg)
     if cached is not None:
@@ -268,65 +292,75 @@ def prepare_data(cfg: DataConfig, log=print) -> Path:
         raise DataError(f"cannot write the prepared data under {data_dir.parent} ({e.strerror or e}); set ALIGN_HOME "
                         "(or data_dir) to a writable directory") from None
     try:
-        tokenizer = build_tokenizer(cfg, log)
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        vocab_size = id_limit(tokenizer)  # the largest id + 1 decides the dtype: ids must not wrap around
-        dtype = token_dtype(vocab_size)
-        writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
-        cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
-        routes = []  # the split of each document, in the order encode_documents returns them
-
-        val_documents = (tmp / VAL_DOCUMENTS).open("w")
-
-        def texts():
-            for text, digest in documents(cfg, cleaner):
-                route = "val" if is_validation(digest, cfg.val_fraction) else "train"
-                routes.append(route)
-                if route == "val":
-                    val_documents.write(json.dumps({"text": text}) + "\n")
-                yield text
-
-        num_proc = cfg.num_proc or default_num_proc()
-        tokenizer_file = str(tmp / TOKENIZER_DIR / "tokenizer.json")
-        encoded = encode_documents(texts(), tokenizer_file, tokenizer.eos_token_id, num_proc)
-        t0 = time.time()
-        for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
-            writers[routes[i]].add(ids)
-        splits = {split: w.close() for split, w in writers.items()}
-        val_documents.close()
-        if cleaner.counts["documents_kept"] == 0:
-            raise _empty_corpus(cfg, cleaner)
-        for split in SPLITS:
-            if splits[split]["documents"] == 0:
-                raise DataError(
-                    f"the {split} split is empty: {cleaner.counts['documents_kept']} documents after cleaning, "
-                    f"val_fraction {cfg.val_fraction}. A document-level split needs more documents: cut the text into "
-                    "more files or .jsonl rows, or change val_fraction"
-                )
-        meta = {
-            "format": FORMAT_VERSION,
-            "cache_key": key,
-            "spec": spec,
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "vocab_size": vocab_size,
-            "eos_token_id": tokenizer.eos_token_id,
-            "dtype": dtype.__name__,
-            "splits": splits,
-            "cleaning": dict(cleaner.counts),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        write_json(tmp / META_FILE, meta)
-        log(f"[data] {cleaner.summary()}")
-        log(
-            f"[data] train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), val "
-            f"{splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs), {dtype.__name__}, "
-            f"tokenized in {time.time() - t0:.1f}s"
-        )
-        try:
-            os.replace(tmp, data_dir)  # atomic: a data_dir with meta.json is always complete
-        except OSError:
-            if cached_data_dir(cfg) is None:  # another process (node) finished the same data first: use theirs
-                raise
+        with sigterm_unwinds():
+            _prepare_into(tmp, data_dir, cfg, key, spec, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir
+
+
+def _prepare_into(tmp: Path, data_dir: Path, cfg: DataConfig, key: str, spec: dict, log) -> None:
+    """Tokenizer, shards and meta.json written into `tmp`, then renamed to `data_dir` (which is then complete)."""
+    from tqdm.auto import tqdm
+
+    from align.tokenizer import id_limit, tokenizer_hash
+
+    tokenizer = build_tokenizer(cfg, log)
+    tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    vocab_size = id_limit(tokenizer)  # the largest id + 1 decides the dtype: ids must not wrap around
+    dtype = token_dtype(vocab_size)
+    writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
+    cleaner = Cleaner(cfg.min_chars, cfg.quality_filter)
+    routes = []  # the split of each document, in the order encode_documents returns them
+
+    val_documents = (tmp / VAL_DOCUMENTS).open("w")
+
+    def texts():
+        for text, digest in documents(cfg, cleaner):
+            route = "val" if is_validation(digest, cfg.val_fraction) else "train"
+            routes.append(route)
+            if route == "val":
+                val_documents.write(json.dumps({"text": text}) + "\n")
+            yield text
+
+    num_proc = cfg.num_proc or default_num_proc()
+    tokenizer_file = str(tmp / TOKENIZER_DIR / "tokenizer.json")
+    encoded = encode_documents(texts(), tokenizer_file, tokenizer.eos_token_id, num_proc)
+    t0 = time.time()
+    for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
+        writers[routes[i]].add(ids)
+    splits = {split: w.close() for split, w in writers.items()}
+    val_documents.close()
+    if cleaner.counts["documents_kept"] == 0:
+        raise _empty_corpus(cfg, cleaner)
+    for split in SPLITS:
+        if splits[split]["documents"] == 0:
+            raise DataError(
+                f"the {split} split is empty: {cleaner.counts['documents_kept']} documents after cleaning, "
+                f"val_fraction {cfg.val_fraction}. A document-level split needs more documents: cut the text into "
+                "more files or .jsonl rows, or change val_fraction"
+            )
+    meta = {
+        "format": FORMAT_VERSION,
+        "cache_key": key,
+        "spec": spec,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "vocab_size": vocab_size,
+        "eos_token_id": tokenizer.eos_token_id,
+        "dtype": dtype.__name__,
+        "splits": splits,
+        "cleaning": dict(cleaner.counts),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(tmp / META_FILE, meta)
+    log(f"[data] {cleaner.summary()}")
+    log(
+        f"[data] train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), val "
+        f"{splits['val']['tokens']:,} tokens ({splits['val']['documents']:,} docs), {dtype.__name__}, "
+        f"tokenized in {time.time() - t0:.1f}s"
+    )
+    try:
+        os.replace(tmp, data_dir)  # atomic: a data_dir with meta.json is always complete
+    except OSError:
+        if cached_data_dir(cfg) is None:  # another process (node) finished the same data first: use theirs
+            raise
