@@ -694,7 +694,7 @@ def test_align_cli_dispatches_prepare_data(tmp_path):
 def test_sigterm_while_preparing_data_removes_the_half_prepared_directory(tmp_path, command):
     """scancel or a Slurm time limit during tokenizing: exit 143 with a message, and no hidden temporary directory
     left in the data cache (SIGTERM's default action used to end the process before any cleanup)."""
-    rows = [{"text": f"{i} " + PARAGRAPHS[i % len(PARAGRAPHS)] * 6} for i in range(20_000)]
+    rows = [{"text": f"{i} " + PARAGRAPHS[i % len(PARAGRAPHS)] * 6} for i in range(5_000)]
     source = write_jsonl(tmp_path / "docs.jsonl", rows)
     data_dir = tmp_path / "cache" / "d"
     recipe = Path(__file__).resolve().parents[1] / "recipes/tiny/pretrain.yaml"
