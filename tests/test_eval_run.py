@@ -182,6 +182,28 @@ def test_model_dir_missing_or_not_loadable(eval_home, tmp_path, capsys):
     assert "is a sequence classifier (LlamaForSequenceClassification, e.g. a reward model)" in capsys.readouterr().err
 
 
+def test_out_that_cannot_take_the_results_is_refused_before_the_run(eval_home, tiny_hf_dir, tmp_path, capsys):
+    """A directory, a path under a file, or a file that is not a previous results file (here the demo file itself):
+    refused before the model loads, and nothing is replaced."""
+    demo = tmp_path / "heldout.jsonl"
+    demo.write_text(open(eval_home["demo"]).read())
+    (tmp_path / "results_dir").mkdir()
+    argv = ["--model", str(tiny_hf_dir), "--tasks", "demo", "--demo_file", str(demo), "--limit", "1",
+            "--max_new_tokens", "2", "--out"]
+    for out, message in ((demo, "exists and is not a results file of `align eval`"),
+                         (tmp_path / "results_dir", "is a directory; give a file path"),
+                         (demo / "results.json", "is a file, not a directory")):
+        capsys.readouterr()
+        assert run.main([*argv, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert demo.read_text() == open(eval_home["demo"]).read()
+    assert list((tmp_path / "results_dir").iterdir()) == []
+    # a previous results file is replaced
+    previous = tmp_path / "previous.json"
+    assert run.main([*argv, str(previous)]) == 0 and run.main([*argv, str(previous)]) == 0
+
+
 def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "empty_home"))
     assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2

@@ -281,6 +281,25 @@ class OncePerKind(logging.Filter):
         return True
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an --out that cannot take the results or holds a file of something else."""
+    if out.is_dir():
+        raise EvalError(f"--out {out} is a directory; give a file path, e.g. --out {out / 'results.json'}")
+    if out.is_file() and out.stat().st_size > 0:
+        try:
+            previous = json.loads(out.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            previous = None
+        if not (isinstance(previous, dict) and "align" in previous and "summary" in previous):
+            raise EvalError(f"--out {out} exists and is not a results file of `align eval`, which is all it would "
+                            "replace; choose another --out")
+    parent = next(p for p in out.absolute().parents if p.exists())  # the nearest one that exists
+    if not parent.is_dir():
+        raise EvalError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {out}: {parent} is not writable; choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     from align.evaluation.pack import PackError
     from align.runs import write_json
@@ -291,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lm_eval.models.huggingface").addFilter(truncation)
     out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
     try:
+        check_out(out)
         report, samples = evaluate(args)
     except (EvalError, PackError) as err:
         print(f"align eval: error: {err}", file=sys.stderr)
