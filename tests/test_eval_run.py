@@ -182,6 +182,24 @@ def test_model_dir_missing_or_not_loadable(eval_home, tmp_path, capsys):
     assert "is a sequence classifier (LlamaForSequenceClassification, e.g. a reward model)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--limit", "0", "must be an integer >= 1, got 0"), ("--limit", "-1", "must be an integer >= 1, got -1"),
+    ("--batch_size", "0", "must be an integer >= 1"), ("--max_new_tokens", "0", "must be an integer >= 1"),
+    ("--num_fewshot", "-1", "must be an integer >= 0"), ("--code_timeout", "0", "must be a number > 0"),
+    ("--bootstrap_iters", "-5", "must be an integer >= 0"),
+])
+def test_numeric_options_out_of_range_are_refused(eval_home, tiny_hf_dir, tmp_path, capsys, option, value, message):
+    """Each was a traceback after the model loaded (--limit 0 or -1, a negative --max_new_tokens), or quietly meant
+    something else (--max_new_tokens 0: the task's budget; --batch_size 0: one batch of every request;
+    --num_fewshot -1: zero-shot, recorded as n-shot -1)."""
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--model", str(tiny_hf_dir), "--tasks", "demo", "--demo_file", eval_home["demo"], option, value,
+                  "--out", str(tmp_path / "r.json")])
+    assert exit_.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_out_that_cannot_take_the_results_is_refused_before_the_run(eval_home, tiny_hf_dir, tmp_path, capsys):
     """A directory, a path under a file, or a file that is not a previous results file (here the demo file itself):
     refused before the model loads, and nothing is replaced."""

@@ -17,6 +17,24 @@ from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Sele
 log = logging.getLogger("align.eval")
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= low (argparse then says which option and exits with status 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its message for a non-integer
+    return parse
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="align eval", description="evaluate a checkpoint with lm-evaluation-harness")
     p.add_argument("--model", required=True, help="Hugging Face model directory (what `align export`/stages write)")
@@ -24,12 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", help="task, group or tag names instead of a suite (e.g. mmlu gsm8k); with "
                                               "--suite, only these of the suite's tasks, with its settings")
     p.add_argument("--include_path", help="directory of your own lm-eval task YAMLs, whose tasks --tasks may name")
-    p.add_argument("--limit", type=int, help="at most N documents per task (overrides the suite's limits)")
-    p.add_argument("--num_fewshot", type=int, help="few-shot examples for every task (overrides suite and YAML)")
-    p.add_argument("--max_new_tokens", type=int, help="cap on generated tokens for generation tasks")
+    p.add_argument("--limit", type=at_least(1), help="at most N documents per task (overrides the suite's limits)")
+    p.add_argument("--num_fewshot", type=at_least(0),
+                   help="few-shot examples for every task (overrides suite and YAML)")
+    p.add_argument("--max_new_tokens", type=at_least(1), help="cap on generated tokens for generation tasks")
     p.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--peft", help="PEFT adapter directory to apply on top of --model")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 where supported)")
     p.add_argument("--demo_file", help="held-out demo problems (heldout.jsonl, GSM8K schema) for the demo task")
@@ -38,9 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pack: offline data (`align benchmarks fetch`); hub: lm-eval's own tasks from the hub")
     p.add_argument("--confirm_run_unsafe_code", action="store_true",
                    help="allow tasks that execute model-written code (humaneval), in the sandbox")
-    p.add_argument("--code_timeout", type=float, default=10.0, help="seconds per generated program")
+    p.add_argument("--code_timeout", type=positive_float, default=10.0, help="seconds per generated program")
     p.add_argument("--log_samples", action="store_true", help="also write every prompt/response to OUT.samples.jsonl")
-    p.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap iterations for non-mean stderrs")
+    p.add_argument("--bootstrap_iters", type=at_least(0), default=1000,
+                   help="bootstrap iterations for non-mean stderrs")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", help="results JSON (default: MODEL/eval/results.json)")
     args = p.parse_args(argv)
