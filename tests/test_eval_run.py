@@ -200,6 +200,21 @@ def test_numeric_options_out_of_range_are_refused(eval_home, tiny_hf_dir, tmp_pa
     assert not (tmp_path / "r.json").exists()
 
 
+def test_device_and_dtype_that_do_not_exist_are_refused(eval_home, tiny_hf_dir, tmp_path, capsys):
+    """Were a traceback from torch (--device) or "module 'torch' has no attribute" (--dtype)."""
+    argv = ["--model", str(tiny_hf_dir), "--tasks", "demo", "--demo_file", eval_home["demo"], "--out",
+            str(tmp_path / "r.json")]
+    devices = ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert run.main([*argv, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"align eval: error: --device {device}: ") and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_:
+        run.main([*argv, "--dtype", "bogus"])
+    assert exit_.value.code == 2 and "argument --dtype: invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_out_that_cannot_take_the_results_is_refused_before_the_run(eval_home, tiny_hf_dir, tmp_path, capsys):
     """A directory, a path under a file, or a file that is not a previous results file (here the demo file itself):
     refused before the model loads, and nothing is replaced."""

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peft", help="PEFT adapter directory to apply on top of --model")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 where supported)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 where supported, else float32")
     p.add_argument("--demo_file", help="held-out demo problems (heldout.jsonl, GSM8K schema) for the demo task")
     p.add_argument("--corpus_file", help="held-out pretraining documents (.jsonl with text, or .txt) for ppl_corpus")
     p.add_argument("--source", choices=["pack", "hub"], default="pack",
@@ -101,6 +102,24 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_t
     # override it and make transformers warn on every generate call.
     model.generation_config.max_new_tokens = None
     return model.to(device).eval(), tokenizer
+
+
+def check_device(device: str) -> None:
+    """An EvalError unless `device` names a device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device {device}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: this machine (or this PyTorch build) has no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EvalError(f"--device {device}: MPS is not available here; use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise EvalError(f"--device {device}: use cuda, cuda:N, mps or cpu")
 
 
 def harness_model(model, tokenizer, model_dir: str, device: str, batch_size: int):
@@ -203,6 +222,8 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
     from align.evaluation.tasks import summarise
     from align.hardware import device_type
 
+    if args.device:
+        check_device(args.device)
     files = {"demo_file": args.demo_file, "corpus_file": args.corpus_file}
     for option, value in files.items():
         if value and not Path(value).is_file():
