@@ -160,6 +160,30 @@ def test_task_file_options_are_checked(eval_home, tiny_hf_dir, tmp_path, capsys)
     assert 'line 1: expected an object with a "text" string' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "hi", "completion": "5"}\n', 'line 1: expected an object with a "question" string and an "answer"'),
+    (b'{"question": "1 + 1?", "answer": "#### 2"}\nnot json\n', "line 2: not JSON"),
+    (b'{"question": "caf\xe9?", "answer": "#### 1"}\n', "line 1: not UTF-8 (byte 0xe9)"),
+    (b"\n", "holds no problems"),
+])
+def test_demo_file_in_another_schema_is_refused_before_the_model_loads(eval_home, tmp_path, capsys, content, message):
+    """Were tracebacks from lm-eval's template ('question' is undefined), datasets or the UTF-8 decoder."""
+    demo = tmp_path / "demo.jsonl"
+    demo.write_bytes(content)
+    assert run_eval(["--model", str(tmp_path / "not-needed"), "--tasks", "demo", "--demo_file", str(demo)],
+                    tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align eval: error: --demo_file {demo}") and message in err and "Traceback" not in err, err
+
+
+def test_corpus_jsonl_not_utf8_is_refused(eval_home, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert run_eval(["--model", str(tmp_path / "not-needed"), "--tasks", "ppl_corpus", "--corpus_file", str(corpus)],
+                    tmp_path)[0] == 2
+    assert f"--corpus_file {corpus}, line 2: not UTF-8 (byte 0xe9); save the file as UTF-8" in capsys.readouterr().err
+
+
 def test_unsafe_code_needs_opt_in_before_anything_loads(eval_home, tmp_path, capsys):
     # The model does not exist: the opt-in is checked first, before loading or generating anything.
     assert run_eval(["--model", str(tmp_path / "nowhere"), "--suite", "core"], tmp_path)[0] == 2

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, normalise_corpus, render,
-                                    select, user_tasks)
+from align.evaluation.tasks import (RUNTIME_FILES, UNSAFE_TASKS, EvalError, Selection, check_demo_file,
+                                    normalise_corpus, render, select, user_tasks)
 
 log = logging.getLogger("align.eval")
 
@@ -238,6 +238,8 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
     if not selections:
         raise EvalError("no task to run")
     names = {s.task for s in selections}
+    if "demo" in names:
+        check_demo_file(args.demo_file)
     # Opt-in to running generated code is checked before anything is loaded or generated.
     unsafe = sorted(names & UNSAFE_TASKS)
     if unsafe and not args.confirm_run_unsafe_code:

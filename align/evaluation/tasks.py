@@ -147,6 +147,36 @@ def render(out_dir: Path, pack: Path | None, demo_file: str | None = None, corpu
     return out_dir
 
 
+def read_utf8(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise EvalError(f"--{option} {path}, line {line}: not UTF-8 (byte {err.object[err.start]:#x}); save the file "
+                        "as UTF-8") from None
+
+
+def check_demo_file(path: str | Path) -> None:
+    """Refuse a --demo_file that is not JSON lines of {"question": str, "answer": str or number} (GSM8K schema)."""
+    path = Path(path)
+    rows = 0
+    for i, line in enumerate(read_utf8(path, "demo_file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"--demo_file {path}, line {i}: not JSON ({err.msg}); give one JSON object a line") \
+                from None
+        if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+                and isinstance(row.get("answer"), (str, int, float)) and not isinstance(row.get("answer"), bool)):
+            raise EvalError(f"--demo_file {path}, line {i}: expected an object with a \"question\" string and an "
+                            "\"answer\" (GSM8K schema, e.g. the heldout.jsonl `align prepare-data` writes)")
+        rows += 1
+    if not rows:
+        raise EvalError(f"--demo_file {path} holds no problems")
+
+
 def normalise_corpus(path: str | Path, out: Path) -> Path:
     """Held-out documents as {"text": ...} JSONL: a .jsonl/.json file with a "text" field (one document per
     line), or a text file whose documents are separated by blank lines."""
@@ -155,7 +185,7 @@ def normalise_corpus(path: str | Path, out: Path) -> Path:
         raise EvalError(f"--corpus_file {path}: no such file")
     docs = []
     if path.suffix in (".jsonl", ".json"):
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_utf8(path, "corpus_file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
