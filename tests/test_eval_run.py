@@ -239,6 +239,20 @@ def test_device_and_dtype_that_do_not_exist_are_refused(eval_home, tiny_hf_dir, 
     assert not (tmp_path / "r.json").exists()
 
 
+def test_num_fewshot_beyond_the_examples_a_task_has_is_refused_before_the_model_loads(eval_home, tmp_path, capsys):
+    """Were tracebacks mid-run: "Sample larger than population" (ARC, GSM8K) or an AssertionError (MMLU's 5 dev
+    examples per subject)."""
+    from test_eval_pack import ARC
+
+    argv = ["--model", str(tmp_path / "not-needed"), "--limit", "1", "--tasks"]
+    cases = (("arc_easy", 10_000, len(ARC)), ("mmlu", 6, 5), ("gsm8k", len(GSM8K), len(GSM8K) - 1))
+    for task, wanted, available in cases:
+        assert run_eval([*argv, task, "--num_fewshot", str(wanted)], tmp_path)[0] == 2
+        err = capsys.readouterr().err
+        assert f"--num_fewshot {wanted}: task {task if task != 'mmlu' else 'mmlu_abstract_algebra'} has only " \
+               f"{available} few-shot examples; ask for at most {available}" in err, err
+
+
 def test_out_that_cannot_take_the_results_is_refused_before_the_run(eval_home, tiny_hf_dir, tmp_path, capsys):
     """A directory, a path under a file, or a file that is not a previous results file (here the demo file itself):
     refused before the model loads, and nothing is replaced."""

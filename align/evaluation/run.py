@@ -189,6 +189,24 @@ def build_tasks(task_manager, selections: list[Selection]) -> tuple[list, dict[s
     return objects, samples or None
 
 
+def check_fewshot(objects, num_fewshot: int | None) -> None:
+    """An EvalError when a task would be asked for more few-shot examples than it has (lm-eval fails mid-run)."""
+    from lm_eval.api.group import Group
+
+    for task in [t for o in objects for t in (o.get_all_tasks() if isinstance(o, Group) else [o])]:
+        configured = task.get_config("num_fewshot")
+        wanted = num_fewshot if num_fewshot is not None and configured != 0 else configured  # as simple_evaluate
+        sampler = getattr(task, "sampler", None)
+        if not wanted or sampler is None:
+            continue
+        # drawn from the test split itself, a document is never its own example
+        available = len(sampler.df) - (task.fewshot_cfg.split == task.config.test_split)
+        if wanted > available:
+            option = "--num_fewshot" if num_fewshot is not None else "num_fewshot (of the suite or the task YAML)"
+            raise EvalError(f"{option} {wanted}: task {task.config.task} has only {available} few-shot examples; "
+                            f"ask for at most {available}")
+
+
 def cap_generation(objects, max_length: int, max_new_tokens: int | None) -> None:
     """Apply --max_new_tokens, and keep every generation task's budget below the model's context (lm-eval
     asserts max_gen_toks < max_length; HumanEval asks for 1024, a small model may have 128 positions)."""
@@ -267,10 +285,6 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
             include = render(Path(tmp) / "tasks", require_pack() if needs_pack else None, args.demo_file, corpus)
             paths = [str(include)] + ([args.include_path] if args.include_path else [])
             task_manager = TaskManager(include_path=paths, include_defaults=False)
-        device = args.device or device_type()
-        if lm is None:
-            model, tokenizer = load_model(args.model, args.peft, device, args.dtype, args.apply_chat_template)
-            lm = harness_model(model, tokenizer, args.model, device, args.batch_size)
         try:
             objects, samples = build_tasks(task_manager, selections)
         except (ConnectionError, OSError) as err:
@@ -278,6 +292,11 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
                 raise
             raise EvalError(f"lm-eval's own tasks load their data from the Hugging Face hub, which is unreachable "
                             f"({err}); use the offline pack (the default, `--source pack`)") from err
+        check_fewshot(objects, args.num_fewshot)
+        device = args.device or device_type()
+        if lm is None:
+            model, tokenizer = load_model(args.model, args.peft, device, args.dtype, args.apply_chat_template)
+            lm = harness_model(model, tokenizer, args.model, device, args.batch_size)
         if args.limit is not None:
             samples = None
         cap_generation(objects, lm.max_length, args.max_new_tokens)
