@@ -214,3 +214,26 @@ def test_extra_for_an_unknown_name_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("align compare: error: --extra nobody=") and "'nobody'" in err and "the models are sft" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[0.5]", "expected a JSON object {metric: value}"),
+    ('{"reward_mean": "high"}', "reward_mean is 'high', not a number"),
+    ('{"reward_mean": {"value": 0.5, "stderr": "0.1"}}', "reward_mean.stderr is '0.1', not a number"),
+    ('{"reward_mean": 0.5', "not a readable JSON file"), ("caf\xe9", "not a readable JSON file"),
+])
+def test_malformed_extra_metrics_are_an_error_naming_the_file(tmp_path, capsys, content, message):
+    """--extra and an extra_metrics.json beside the results: were tracebacks (AttributeError, matplotlib's TypeError,
+    JSONDecodeError, UnicodeDecodeError) after the other inputs were read."""
+    a = results_file(tmp_path / "sft" / "eval" / "results.json", {"demo_accuracy": (0.5, 0.01, 100)})
+    extra = tmp_path / "extra.json"
+    extra.write_bytes(content.encode("latin-1"))
+    assert report.main([str(a), "--out", str(tmp_path / "r"), "--extra", f"sft={extra}", "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("align compare: error: --extra ") and str(extra) in err and message in err, err
+    assert "Traceback" not in err
+    (a.parent / "extra_metrics.json").write_bytes(content.encode("latin-1"))
+    assert report.main([str(tmp_path / "sft"), "--out", str(tmp_path / "r"), "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert f"{a.parent / 'extra_metrics.json'}" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

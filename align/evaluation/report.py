@@ -68,6 +68,21 @@ def metric_entry(value) -> dict:
     return {"value": value, "stderr": None, "n": None, "chance": None, "higher_is_better": True}
 
 
+def check_extra(where: str, data) -> dict:
+    """`data` if it is {metric: number or {"value", "stderr", ...}} with numbers (or null), else a CompareError."""
+    if not isinstance(data, dict):
+        raise CompareError(f"{where}: expected a JSON object {{metric: value}} or {{metric: {{\"value\": ..., "
+                           f"\"stderr\": ...}}}}, got {type(data).__name__}")
+    for metric, value in data.items():
+        entry = metric_entry(value)
+        for key in ("value", "stderr", "chance"):
+            number = entry[key]
+            if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
+                field = metric if not isinstance(value, dict) else f"{metric}.{key}"
+                raise CompareError(f"{where}: {field} is {number!r}, not a number")
+    return data
+
+
 def read_log(path: Path) -> list[dict]:
     """Numeric fields of each JSON line (bad lines are skipped: a run may still be writing)."""
     rows = []
@@ -118,7 +133,8 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
                for row in report.get("summary", [])}
     for place in [p for p in (results_file.parent if results_file else None, model_dir) if p]:
         if (place / EXTRA_FILE).is_file():
-            metrics |= {k: metric_entry(v) for k, v in read_json(place / EXTRA_FILE).items()}
+            extra_file = str(place / EXTRA_FILE)
+            metrics |= {k: metric_entry(v) for k, v in check_extra(extra_file, read_json_arg("", extra_file)).items()}
     metrics |= {k: metric_entry(v) for k, v in (extra or {}).items()}
     run_dir = None  # the run directory around a results file: RUN/eval/results.json or RUN/results.json
     if results_file:
@@ -419,7 +435,8 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
             raise CompareError(f"--extra {name}=...: no model is named {name!r}; the models are "
                                f"{', '.join(known)} (set them with --names)")
     for entry in entries:
-        for metric, value in (extra_metrics or {}).get(entry["name"], {}).items():
+        extra = check_extra(f"extra metrics of {entry['name']}", (extra_metrics or {}).get(entry["name"], {}))
+        for metric, value in extra.items():
             entry["metrics"][metric] = metric_entry(value)
 
     metrics = list(dict.fromkeys(m for e in entries for m in e["metrics"]))
@@ -524,8 +541,8 @@ def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> st
 def read_json_arg(flag: str, file: str):
     try:
         return read_json(file)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CompareError(f"{flag} {file}: not a readable JSON file ({err})") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CompareError(f"{flag + ' ' if flag else ''}{file}: not a readable JSON file ({err})") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             name, sep, file = item.partition("=")
             if not sep or not Path(file).is_file():
                 raise CompareError(f"--extra {item}: expected NAME=FILE with an existing JSON file")
-            extra[name] = read_json_arg("--extra", file)
+            extra[name] = check_extra(f"--extra {item}", read_json_arg("--extra", file))
         prompts = None if args.no_generations else (read_json_arg("--prompts", args.prompts) if args.prompts else PROMPTS)
         summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens, args.overwrite)
     except CompareError as err:
