@@ -250,3 +250,15 @@ def test_prompts_that_are_not_a_list_of_strings_are_an_error(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert f"--prompts {prompts}: expected a non-empty JSON list of prompt strings" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_generation_budget_beyond_the_context_is_capped_and_zero_is_refused(tiny_hf_dir, tmp_path, capsys):
+    """--max_new_tokens 200 on a 128-position model cut the prompt away (an IndexError in generate); 0 was
+    transformers' traceback."""
+    out = tmp_path / "r"
+    assert report.main([str(tiny_hf_dir), "--out", str(out), "--max_new_tokens", "200"]) == 0
+    assert "has 128 positions; generating at most 64 tokens instead of 200" in capsys.readouterr().err
+    assert "ROMEO:" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tiny_hf_dir), "--out", str(tmp_path / "r0"), "--max_new_tokens", "0"])
+    assert exit_.value.code == 2 and "argument --max_new_tokens: must be an integer >= 1" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from align.evaluation.run import at_least
 from align.runs import holds_cwd, prepare_output_dir, read_json
 
 RESULT_FILES = ("eval/results.json", "results.json", "eval_results.json")
@@ -304,6 +305,10 @@ def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 1024
+    if max_new_tokens > limit // 2:  # else the prompt would be cut away to make room (and past `limit`, fail)
+        print(f"align compare: warning: {model_dir} has {limit} positions; generating at most {limit // 2} tokens "
+              f"instead of {max_new_tokens}", file=sys.stderr)
+        max_new_tokens = limit // 2
     outputs = []
     for prompt in prompts:
         if chat and tokenizer.chat_template:
@@ -554,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra metrics JSON for the model named NAME (e.g. reward_mean, win_rate)")
     p.add_argument("--prompts", help="JSON list of prompts for side-by-side generations")
     p.add_argument("--no_generations", action="store_true", help="skip generating from model directories")
-    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--max_new_tokens", type=at_least(1), default=40, help="tokens per greedy generation")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out that holds more than a previous report (it is moved aside, not deleted)")
     args = p.parse_args(argv)
