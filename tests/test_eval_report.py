@@ -262,3 +262,13 @@ def test_generation_budget_beyond_the_context_is_capped_and_zero_is_refused(tiny
     with pytest.raises(SystemExit) as exit_:
         report.main([str(tiny_hf_dir), "--out", str(tmp_path / "r0"), "--max_new_tokens", "0"])
     assert exit_.value.code == 2 and "argument --max_new_tokens: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("summary", [["demo_accuracy"], [{"value": 0.5}]])
+def test_results_whose_summary_rows_are_not_metric_rows_are_an_error(tmp_path, capsys, summary):
+    """Another tool's results.json with a 'summary' list of something else: was a TypeError or KeyError traceback."""
+    good = results_file(tmp_path / "good.json", {"demo_accuracy": (0.5, 0.05, 100)})
+    (tmp_path / "other.json").write_text(json.dumps({"summary": summary}))
+    assert report.main([str(good), str(tmp_path / "other.json"), "--out", str(tmp_path / "r"), "--no_generations"]) == 2
+    err = capsys.readouterr().err
+    assert "other.json is not a results file of `align eval`" in err and "Traceback" not in err

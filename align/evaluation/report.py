@@ -124,9 +124,12 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
     path = Path(path)
     results_file, model_dir = find_results(path)
     report = read_json_arg("results", str(results_file)) if results_file else {}
-    if results_file and (not isinstance(report, dict) or not isinstance(report.get("summary"), list)):
+    rows = report.get("summary") if isinstance(report, dict) else None
+    if results_file and not (isinstance(rows, list)
+                             and all(isinstance(r, dict) and isinstance(r.get("metric"), str) for r in rows)):
         if path.is_file():  # named as results: say it is not; found in a directory (a trainer's file): none here
-            raise CompareError(f"{results_file} is not a results file of `align eval` (no 'summary' list of metrics)")
+            raise CompareError(f"{results_file} is not a results file of `align eval` (no 'summary' list of metric "
+                               "rows, each with a 'metric' name)")
         results_file, report = None, {}
     if model_dir is None and report.get("align", {}).get("model") and Path(report["align"]["model"]).is_dir():
         model_dir = Path(report["align"]["model"])
