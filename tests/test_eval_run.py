@@ -344,6 +344,19 @@ def test_peft_adapter_on_its_base_runs_and_on_another_base_fails(eval_home, tiny
     assert "does not fit --model" in capsys.readouterr().err
 
 
+def test_peft_adapter_without_weights_or_with_broken_config_is_named(eval_home, tiny_hf_dir, tmp_path, capsys):
+    """Were a misleading "Cannot find the requested files in the disk cache" and a JSONDecodeError traceback."""
+    adapter = _adapter(tiny_hf_dir, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    argv = ["--model", str(tiny_hf_dir), "--peft", str(adapter), "--tasks", "demo", "--demo_file", eval_home["demo"]]
+    assert run_eval(argv, tmp_path)[0] == 2
+    assert f"--peft {adapter} has no adapter weights (adapter_model.safetensors" in capsys.readouterr().err
+    (adapter / "adapter_config.json").write_text("{")
+    assert run_eval(argv, tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert f"--peft {adapter}: adapter_config.json is not valid JSON" in err and "Traceback" not in err
+
+
 DATA_KEYS = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "fewshot_split"}
 
 

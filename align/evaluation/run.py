@@ -158,7 +158,16 @@ def apply_adapter(model, base_dir: Path, adapter: Path):
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise EvalError(f"--peft {adapter} is not a PEFT adapter directory (no adapter_config.json)")
-    adapter_base = json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
+    try:
+        adapter_config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalError(f"--peft {adapter}: adapter_config.json is not valid JSON ({err})") from None
+    if not isinstance(adapter_config, dict):
+        raise EvalError(f"--peft {adapter}: adapter_config.json is not a JSON object")
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise EvalError(f"--peft {adapter} has no adapter weights (adapter_model.safetensors or adapter_model.bin); "
+                        "give the directory the LoRA training saved")
+    adapter_base = adapter_config.get("base_model_name_or_path") or ""
     base_config = Path(adapter_base) / "config.json"
     if base_config.is_file():
         trained_on, given = json.loads(base_config.read_text()), json.loads((base_dir / "config.json").read_text())
