@@ -275,6 +275,15 @@ def test_out_that_cannot_take_the_results_is_refused_before_the_run(eval_home, t
     assert run.main([*argv, str(previous)]) == 0 and run.main([*argv, str(previous)]) == 0
 
 
+def test_unknown_task_with_source_hub_is_named(tmp_path, capsys):
+    """Was lm-eval's KeyError traceback (the pack's names are checked by select, the hub's were not)."""
+    assert run_eval(["--model", str(tmp_path / "not-needed"), "--source", "hub", "--tasks", "no_such_task"],
+                    tmp_path)[0] == 2
+    err = capsys.readouterr().err
+    assert "--tasks: Spec 'no_such_task' is not a registered task" in err and "`lm-eval ls tasks`" in err
+    assert "Traceback" not in err
+
+
 def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "empty_home"))
     assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2

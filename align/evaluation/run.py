@@ -296,6 +296,11 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
             task_manager = TaskManager(include_path=paths, include_defaults=False)
         try:
             objects, samples = build_tasks(task_manager, selections)
+        except KeyError as err:  # a name lm-eval does not know (with the pack, select() has checked them)
+            if args.source != "hub":
+                raise
+            raise EvalError(f"--tasks: {err.args[0] if err.args else err}; `lm-eval ls tasks` lists lm-eval's "
+                            "own tasks") from None
         except (ConnectionError, OSError) as err:
             if args.source != "hub":
                 raise
