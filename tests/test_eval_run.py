@@ -284,6 +284,20 @@ def test_unknown_task_with_source_hub_is_named(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_model_that_is_a_file_or_a_pretraining_run_is_named(eval_home, tiny_hf_dir, tmp_path, capsys):
+    """Were "no such directory" for an existing file, and "export a pretraining checkpoint" for a run directory
+    whose export is already in RUN/hf."""
+    import shutil
+
+    assert run_eval(["--model", eval_home["demo"], "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert f"--model {eval_home['demo']} is a file; give the model's directory" in capsys.readouterr().err
+    run_dir = tmp_path / "pretrain_run"
+    shutil.copytree(tiny_hf_dir, run_dir / "hf")
+    (run_dir / "checkpoints").mkdir()
+    assert run_eval(["--model", str(run_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert f"is a pretraining run directory; its exported model is --model {run_dir / 'hf'}" in capsys.readouterr().err
+
+
 def test_pack_missing_says_how_to_fetch(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "empty_home"))
     assert run_eval(["--model", str(tiny_hf_dir), "--tasks", "arc_easy"], tmp_path)[0] == 2

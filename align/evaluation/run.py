@@ -74,8 +74,12 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
+    if path.is_file():
+        raise EvalError(f"--model {path} is a file; give the model's directory (the one holding config.json)")
     if not path.is_dir():
         raise EvalError(f"--model {path}: no such directory")
+    if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
+        raise EvalError(f"--model {path} is a pretraining run directory; its exported model is --model {path / 'hf'}")
     if not (path / "config.json").is_file():
         raise EvalError(f"--model {path} is not a Hugging Face model directory (no config.json); "
                         "export a pretraining checkpoint with `align export CKPT --out DIR`")
