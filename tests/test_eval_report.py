@@ -159,7 +159,7 @@ def test_model_without_results_is_an_error_without_generations_and_a_warning_wit
     assert err.startswith(f"align compare: error: {tmp_path / 'm'} is a model directory without evaluation results")
     assert f"run `align eval --model {tmp_path / 'm'}` first" in err and not (tmp_path / "r").exists()
 
-    monkeypatch.setattr(report, "generate", lambda model_dir, prompts, chat, n: ["ok"] * len(prompts))
+    monkeypatch.setattr(report, "generate", lambda model_dir, prompts, chat, n, peft=None: ["ok"] * len(prompts))
     assert report.main([str(tmp_path / "m"), "--out", str(tmp_path / "r")]) == 0  # generations only: documented
     assert "align compare: warning: m: " in capsys.readouterr().err
 
@@ -272,3 +272,33 @@ def test_results_whose_summary_rows_are_not_metric_rows_are_an_error(tmp_path, c
     assert report.main([str(good), str(tmp_path / "other.json"), "--out", str(tmp_path / "r"), "--no_generations"]) == 2
     err = capsys.readouterr().err
     assert "other.json is not a results file of `align eval`" in err and "Traceback" not in err
+
+
+def test_generations_of_a_model_evaluated_with_a_peft_adapter_use_the_adapter(tiny_hf_dir, tmp_path):
+    """Were the base model's: the results record --peft, and compare generated from --model alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_hf_dir),
+                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    base = results_file(tmp_path / "base.json", {"demo_accuracy": (0.1, 0.01, 100)}, model=tiny_hf_dir)
+    lora = results_file(tmp_path / "lora.json", {"demo_accuracy": (0.2, 0.01, 100)}, model=tiny_hf_dir)
+    data = json.loads(lora.read_text())
+    data["align"]["peft"] = str(tmp_path / "adapter")
+    lora.write_text(json.dumps(data))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["ROMEO:", "Question: 1 + 2?\nAnswer:"]))
+    assert report.main([str(base), str(lora), "--names", "base", "lora", "--out", str(tmp_path / "r"),
+                        "--prompts", str(prompts), "--max_new_tokens", "12"]) == 0
+    first = (tmp_path / "r" / "report.md").read_text().split("## Generations (greedy)")[1].split("### Prompt 2")[0]
+    base_text, lora_text = first.split("**base**")[1].split("**lora**")
+    assert base_text.strip() and lora_text.strip() and base_text != lora_text
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(report.CompareError, match="was evaluated with the PEFT adapter .* not there any more"):
+        report.build_report([base, lora], tmp_path / "r", prompts=["ROMEO:"], max_new_tokens=4)

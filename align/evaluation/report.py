@@ -154,6 +154,7 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
         "name": name or default_name, "results": str(results_file) if results_file else None,
         "model_dir": str(model_dir) if model_dir else None, "metrics": metrics, "logs": find_logs(log_dirs),
         "chat": bool(report.get("align", {}).get("apply_chat_template")),
+        "peft": report.get("align", {}).get("peft"),  # the adapter `align eval --peft` applied to the model
     }
 
 
@@ -300,13 +301,21 @@ def plot_curves(name: str, logs: dict[str, list[dict]]) -> list[tuple[str, str]]
     return images
 
 
-def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
-    """Greedy completions of fixed prompts, so a reader can see what the numbers mean."""
+def generate(model_dir: str, prompts: list[str], chat: bool, max_new_tokens: int, peft: str | None = None) -> list[str]:
+    """Greedy completions of fixed prompts (by the model with its PEFT adapter, if it was evaluated with one), so a
+    reader can see what the numbers mean."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if peft:
+        from peft import PeftModel
+
+        if not (Path(peft) / "adapter_config.json").is_file():
+            raise CompareError(f"{model_dir} was evaluated with the PEFT adapter {peft}, which is not there any more; "
+                               "pass --no_generations, or restore the adapter")
+        model = PeftModel.from_pretrained(model, peft).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 1024
     if max_new_tokens > limit // 2:  # else the prompt would be cut away to make room (and past `limit`, fail)
         print(f"align compare: warning: {model_dir} has {limit} positions; generating at most {limit // 2} tokens "
@@ -454,7 +463,7 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
     if prompts:
         for e in entries:
             if e["model_dir"]:
-                generations[e["name"]] = generate(e["model_dir"], prompts, e["chat"], max_new_tokens)
+                generations[e["name"]] = generate(e["model_dir"], prompts, e["chat"], max_new_tokens, e["peft"])
 
     summary = {
         "models": {e["name"]: {
