@@ -291,6 +291,8 @@ def test_model_that_is_a_file_or_a_pretraining_run_is_named(eval_home, tiny_hf_d
 
     assert run_eval(["--model", eval_home["demo"], "--tasks", "arc_easy"], tmp_path)[0] == 2
     assert f"--model {eval_home['demo']} is a file; give the model's directory" in capsys.readouterr().err
+    assert run.main(["--model", eval_home["demo"], "--tasks", "arc_easy"]) == 2  # no --out: not about MODEL/eval
+    assert f"--model {eval_home['demo']} is a file; give the model's directory" in capsys.readouterr().err
     run_dir = tmp_path / "pretrain_run"
     shutil.copytree(tiny_hf_dir, run_dir / "hf")
     (run_dir / "checkpoints").mkdir()

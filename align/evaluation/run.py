@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lm_eval.models.huggingface").addFilter(truncation)
     out = Path(args.out) if args.out else Path(args.model) / "eval" / "results.json"
     try:
-        check_out(out)
+        if args.out or Path(args.model).is_dir():  # else evaluate says what is wrong with --model
+            check_out(out)
         report, samples = evaluate(args)
     except (EvalError, PackError) as err:
         print(f"align eval: error: {err}", file=sys.stderr)
