@@ -171,7 +171,7 @@ def check_demo_file(path: str | Path) -> None:
         if not (isinstance(row, dict) and isinstance(row.get("question"), str)
                 and isinstance(row.get("answer"), (str, int, float)) and not isinstance(row.get("answer"), bool)):
             raise EvalError(f"--demo_file {path}, line {i}: expected an object with a \"question\" string and an "
-                            "\"answer\" (GSM8K schema, e.g. the heldout.jsonl `align prepare-data` writes)")
+                            "\"answer\" (GSM8K schema, e.g. the heldout.jsonl the stages write beside their demo data)")
         rows += 1
     if not rows:
         raise EvalError(f"--demo_file {path} holds no problems")
