@@ -53,6 +53,14 @@ def stage_recipe(preset: str, stage: str) -> Path:
     return path
 
 
+def foreign_entries(out: Path) -> list[str]:
+    """What a would-be run directory holds that the pipeline does not write (a run interrupted early has no
+    pipeline.json yet, only its stage directories)."""
+    own = {*STAGES, "data", "pipeline.json", "recipe.yaml"}
+    return sorted(p.name for p in out.iterdir() if p.name.split(".old-")[0] not in own and
+                  not p.name.startswith(".base.tmp-"))
+
+
 def has_model(directory: Path) -> bool:
     """An HF model directory with its config and weights (a damaged copy may have lost either), or a PEFT adapter."""
     if (directory / "adapter_config.json").is_file():
@@ -343,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides],
                              prog="align pipeline")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; name a new or an existing run directory")
+    if out.is_dir() and not (out / "pipeline.json").is_file() and foreign_entries(out):
+        # Not a run: its own report/ or eval/ would be taken for the pipeline's, or removed by --from
+        parser.error(f"--out {out} is not a pipeline run directory (it holds {', '.join(foreign_entries(out)[:5])}); "
+                     "name a new directory")
     try:
         Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
     except KeyboardInterrupt:

@@ -145,3 +145,17 @@ def test_missing_accelerate_config_is_refused(tmp_path):
     result = run_pipeline(tmp_path / "x", tmp_path / "home", "--accelerate_config", "nope.yaml")
     assert result.returncode != 0 and "nope.yaml: no such file" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_a_file_or_not_a_run_directory_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_pipeline(tmp_path / "file", tmp_path / "home")
+    assert result.returncode == 2 and "--out" in result.stderr and "is a file" in result.stderr
+    assert "Traceback" not in result.stderr
+    project = tmp_path / "project"
+    (project / "report").mkdir(parents=True)
+    (project / "report" / "index.html").write_text("mine")  # would be taken for the pipeline's report
+    (project / "notes.txt").write_text("mine")
+    result = run_pipeline(project, tmp_path / "home")
+    assert result.returncode == 2 and "not a pipeline run directory" in result.stderr and "notes.txt" in result.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "report"]
