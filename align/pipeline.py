@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--from {args.start} comes after --to {args.end}")
     (config,) = parse_recipe((PipelineConfig,), ["--config", str(stage_recipe(args.preset, "pipeline")), *overrides],
                              prog="align pipeline")
+    from align.evaluation.tasks import EVALS_DIR, suites
+
+    if config.eval_suite not in suites():  # found out at the eval stage, after every model was trained
+        parser.error(f"eval_suite {config.eval_suite!r} ({stage_recipe(args.preset, 'pipeline')} or the flag) is "
+                     f"not a suite of {EVALS_DIR / 'suites.yaml'}; choose one of {sorted(suites())}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; name a new or an existing run directory")

@@ -159,3 +159,9 @@ def test_out_that_is_a_file_or_not_a_run_directory_is_refused(tmp_path):
     result = run_pipeline(project, tmp_path / "home")
     assert result.returncode == 2 and "not a pipeline run directory" in result.stderr and "notes.txt" in result.stderr
     assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "report"]
+
+
+def test_unknown_eval_suite_is_refused_before_any_stage(tmp_path):
+    result = run_pipeline(tmp_path / "run", tmp_path / "home", "--eval_suite", "nosuch")
+    assert result.returncode == 2 and "eval_suite 'nosuch'" in result.stderr and "'smoke'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
