@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
@@ -81,6 +81,7 @@ class Pipeline:
         self.finished: dict[str, float] = state.get("finished", {})  # stage -> time.time() when it completed
         # stage -> the identity of every earlier stage it was built from (a stage redone by hand changes its own)
         self.built_from: dict[str, dict[str, str]] = state.get("built_from", {})
+        self.eval_settings: dict | None = state.get("eval_settings")  # the settings the eval stage was built with
 
     # --- where things are
 
@@ -125,6 +126,14 @@ class Pipeline:
     def changed_upstream(self, stage: str) -> list[str]:
         recorded = self.built_from.get(stage, {})
         return [earlier for earlier, identity in recorded.items() if self.identity(earlier) != identity]
+
+    def settings(self) -> dict:
+        """The pipeline.yaml settings the eval stage's results depend on (the batch size only changes its speed)."""
+        return {k: v for k, v in asdict(self.config).items() if k != "eval_batch_size"}
+
+    def changed_settings(self) -> list[str]:
+        recorded = self.eval_settings
+        return [] if recorded is None else [k for k, v in self.settings().items() if recorded.get(k) != v]
 
     # --- running
 
@@ -297,6 +306,10 @@ class Pipeline:
                 # interrupted): a report must never mix models.
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: older than the stages before it, running it again")
                 self.clear(stage)
+            elif stage == "eval" and self.complete(stage) and self.changed_settings():
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(self.changed_settings())} changed since it "
+                      "was built, running it again")
+                self.clear(stage)
             elif self.complete(stage) and self.changed_upstream(stage):
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(self.changed_upstream(stage))} changed since "
                       "it was built (redone outside the pipeline?), running it again")
@@ -311,8 +324,11 @@ class Pipeline:
             self.timings[stage] = round(time.time() - t0, 1)
             self.finished[stage] = upstream_finished = time.time()
             self.built_from[stage] = {earlier: self.identity(earlier) for earlier in STAGES[:STAGES.index(stage)]}
+            if stage == "eval":
+                self.eval_settings = self.settings()
             write_json(self.out / "pipeline.json", {"preset": self.preset, "seconds": self.timings,
-                                                    "finished": self.finished, "built_from": self.built_from})
+                                                    "finished": self.finished, "built_from": self.built_from,
+                                                    "eval_settings": self.eval_settings})
         total = sum(self.timings.values())
         print(f"[pipeline] stage times (s): {self.timings}; total {total / 60:.1f} min")
 

@@ -72,6 +72,23 @@ def test_report_compares_base_sft_and_ppo(smoke_run):
     assert "| model | demo_accuracy" in stdout and str(report / "index.html") in stdout
 
 
+def test_eval_is_redone_when_its_settings_change(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    from align.pipeline import Pipeline, PipelineConfig
+
+    out, _, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    ran = []
+    monkeypatch.setattr(Pipeline, "stage_eval", lambda self: ran.append("eval"))
+    smoke = dict(eval_suite="smoke", eval_batch_size=16, fetch_benchmarks=False, reward_prompts=16, max_new_tokens=24)
+    Pipeline("smoke", copy, PipelineConfig(**{**smoke, "eval_batch_size": 4}), None)(None, "eval")
+    assert ran == []  # the batch size does not change the results
+    Pipeline("smoke", copy, PipelineConfig(**{**smoke, "reward_prompts": 8}), None)(None, "eval")
+    assert ran == ["eval"]  # was skipped as complete, its results still from 16 prompts
+
+
 def test_rerun_skips_finished_stages_and_from_reruns(smoke_run):
     out, home, _ = smoke_run
     again = run_pipeline(out, home)
@@ -165,3 +182,4 @@ def test_unknown_eval_suite_is_refused_before_any_stage(tmp_path):
     result = run_pipeline(tmp_path / "run", tmp_path / "home", "--eval_suite", "nosuch")
     assert result.returncode == 2 and "eval_suite 'nosuch'" in result.stderr and "'smoke'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
