@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,14 @@ def has_model(directory: Path) -> bool:
 def newest_file(directory: Path) -> float:
     """mtime of the newest file directly in a directory (a model's weights, config and tokenizer)."""
     return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=0.0)
+
+
+class Terminated(Exception):
+    """SIGTERM (`kill`, scancel, a Slurm time limit) reached the pipeline."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
 
 
 class Pipeline:
@@ -149,7 +158,7 @@ class Pipeline:
         if not sys.stderr.isatty():  # a log file: progress bars every 30 s rather than several times a second
             env.setdefault("TQDM_MININTERVAL", "30")
         process = subprocess.Popen(cmd, env=env)
-        interrupts = 0
+        interrupts, terminated = 0, False
         while True:
             try:
                 returncode = process.wait()
@@ -161,8 +170,13 @@ class Pipeline:
                           file=sys.stderr, flush=True)
                 elif interrupts >= 3:
                     process.kill()
+            except Terminated:  # killing the pipeline alone would leave the stage running on its own: stop it too
+                terminated = True
+                process.terminate()
         if interrupts:
             raise KeyboardInterrupt
+        if terminated:
+            raise Terminated
         if returncode != 0:
             raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {returncode}); fix the "
                              f"cause and run the same command again: finished stages are skipped")
@@ -378,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         # Not a run: its own report/ or eval/ would be taken for the pipeline's, or removed by --from
         parser.error(f"--out {out} is not a pipeline run directory (it holds {', '.join(foreign_entries(out)[:5])}); "
                      "name a new directory")
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
-    except KeyboardInterrupt:
-        print("align pipeline: interrupted; the same command continues (finished stages are skipped, pretraining "
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"align pipeline: {what}; the same command continues (finished stages are skipped, pretraining "
               "resumes from its last checkpoint)", file=sys.stderr)
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     save_recipe(out, config, notes={"preset": args.preset})
     return 0

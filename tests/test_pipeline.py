@@ -183,3 +183,34 @@ def test_unknown_eval_suite_is_refused_before_any_stage(tmp_path):
     assert result.returncode == 2 and "eval_suite 'nosuch'" in result.stderr and "'smoke'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
+
+
+def test_sigterm_during_a_stage_stops_the_stage_too(smoke_run, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    out, home, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    env = {**os.environ, "ALIGN_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        process = subprocess.Popen([sys.executable, "-m", "align.cli", "pipeline", "--preset", "smoke", "--out",
+                                    str(copy), "--from", "sft"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.time() + 120
+        while "align.cli sft" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)
+        process.send_signal(signal.SIGTERM)  # `kill PID`, or scancel: to the pipeline only, not the stage
+        assert process.wait(timeout=120) == 143
+    assert "terminated (SIGTERM)" in log.read_text()
+
+    def cmdline(proc: Path) -> bytes:
+        try:
+            return (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            return b""
+
+    stage = [p for p in Path("/proc").glob("[0-9]*") if str(copy / "sft").encode() in cmdline(p)]
+    assert stage == [], "the sft stage is still running without its pipeline"
