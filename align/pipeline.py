@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
-from align.runs import WEIGHT_FILES, read_json, write_json
+from align.runs import LOCK_FILE, WEIGHT_FILES, lock_run_dir, read_json, write_json
 
 STAGES = ("pretrain", "base", "sft", "reward", "ppo", "eval", "report")
 MODELS = ("base", "sft", "ppo")  # evaluated and compared, in this order
@@ -57,7 +57,7 @@ def stage_recipe(preset: str, stage: str) -> Path:
 def foreign_entries(out: Path) -> list[str]:
     """What a would-be run directory holds that the pipeline does not write (a run interrupted early has no
     pipeline.json yet, only its stage directories)."""
-    own = {*STAGES, "data", "pipeline.json", "recipe.yaml"}
+    own = {*STAGES, "data", "pipeline.json", "recipe.yaml", LOCK_FILE}
     return sorted(p.name for p in out.iterdir() if p.name.split(".old-")[0] not in own and
                   not p.name.startswith(".base.tmp-"))
 
@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         # Not a run: its own report/ or eval/ would be taken for the pipeline's, or removed by --from
         parser.error(f"--out {out} is not a pipeline run directory (it holds {', '.join(foreign_entries(out)[:5])}); "
                      "name a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # a second pipeline on the same run would move the first one's unfinished stage aside and start it again
+        lock = lock_run_dir(out)  # noqa: F841 (held until the process exits)
+    except FileExistsError as e:
+        parser.error(str(e))
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)

@@ -214,3 +214,14 @@ def test_sigterm_during_a_stage_stops_the_stage_too(smoke_run, tmp_path):
 
     stage = [p for p in Path("/proc").glob("[0-9]*") if str(copy / "sft").encode() in cmdline(p)]
     assert stage == [], "the sft stage is still running without its pipeline"
+
+
+def test_a_second_pipeline_on_the_same_run_is_refused(tmp_path):
+    from align.runs import lock_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with lock_run_dir(run):  # what a pipeline still running on it holds
+        result = run_pipeline(run, tmp_path / "home", "--to", "pretrain")
+    assert result.returncode == 2 and "in use by a run still going" in result.stderr, result.stdout[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
