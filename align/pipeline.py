@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
@@ -360,8 +360,14 @@ class Pipeline:
             shutil.rmtree(d)
 
 
+def settings_help() -> str:
+    """The pipeline.yaml settings for --help: parse_recipe takes each as a --key value override too."""
+    lines = [f"  --{f.name}: {f.metadata['help']}" for f in fields(PipelineConfig)]
+    return "settings of recipes/<preset>/pipeline.yaml, each also a --key value override:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="align pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="align pipeline", description=__doc__, epilog=settings_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="recipes/<preset>/ (tiny: CPU demo; smoke: a few steps)")
     parser.add_argument("--out", required=True, help="run directory, e.g. runs/quickstart")

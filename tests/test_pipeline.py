@@ -225,3 +225,15 @@ def test_a_second_pipeline_on_the_same_run_is_refused(tmp_path):
         result = run_pipeline(run, tmp_path / "home", "--to", "pretrain")
     assert result.returncode == 2 and "in use by a run still going" in result.stderr, result.stdout[-2000:]
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_help_lists_the_pipeline_yaml_settings(capsys):
+    """The unknown-option error sends users to --help, which must then name the settings they can override."""
+    from align.pipeline import PipelineConfig, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for name in PipelineConfig.__dataclass_fields__:
+        assert f"--{name}: " in out, name
