@@ -85,6 +85,7 @@ def on_sigterm(signum, frame):
 class Pipeline:
     def __init__(self, preset: str, out: Path, config: PipelineConfig, accelerate_config: str | None):
         self.preset, self.out, self.config, self.accelerate_config = preset, out, config, accelerate_config
+        self.start: str | None = None  # --from, if given: a failed stage's advice depends on it
         state = read_json(out / "pipeline.json") if (out / "pipeline.json").is_file() else {}
         self.timings: dict[str, float] = state.get("seconds", {})
         self.finished: dict[str, float] = state.get("finished", {})  # stage -> time.time() when it completed
@@ -178,8 +179,10 @@ class Pipeline:
         if terminated:
             raise Terminated
         if returncode != 0:
-            raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed (exit {returncode}); fix the "
-                             f"cause and run the same command again: finished stages are skipped")
+            status = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+            again = "the same command without --from" if self.start else "the same command"
+            raise SystemExit(f"align pipeline: `{' '.join(cmd[:6])} ...` failed ({status}); fix the cause and run "
+                             f"{again} again: finished stages are skipped")
 
     def train_stage(self, stage: str, *args: str) -> None:
         recipe = stage_recipe(self.preset, stage)
@@ -310,6 +313,7 @@ class Pipeline:
 
     def __call__(self, start: str | None, end: str = STAGES[-1]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.start = start
         rerun = STAGES[STAGES.index(start):] if start else ()
         upstream_finished = 0.0  # when the newest stage before this one completed
         for i, stage in enumerate(STAGES[:STAGES.index(end) + 1], 1):

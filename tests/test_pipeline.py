@@ -237,3 +237,16 @@ def test_help_lists_the_pipeline_yaml_settings(capsys):
     assert e.value.code == 0
     for name in PipelineConfig.__dataclass_fields__:
         assert f"--{name}: " in out, name
+
+
+def test_a_failed_stage_names_its_signal_and_the_command_that_continues(tmp_path):
+    from align.pipeline import Pipeline, PipelineConfig
+
+    pipeline = Pipeline("smoke", tmp_path, PipelineConfig(), None)
+    pipeline.start = "sft"  # as `--from sft` sets it: the same command would redo sft, not continue
+    with pytest.raises(SystemExit, match=r"failed \(killed by SIGKILL\); fix the cause and run the same command "
+                                         r"without --from again: finished stages are skipped"):
+        pipeline.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    pipeline.start = None
+    with pytest.raises(SystemExit, match=r"failed \(exit 3\); fix the cause and run the same command again"):
+        pipeline.run([sys.executable, "-c", "raise SystemExit(3)"])
