@@ -156,18 +156,23 @@ def read_utf8(path: Path, option: str) -> str:
                         "as UTF-8") from None
 
 
+def json_lines(path: Path, option: str):
+    """(line number, value) of each non-blank line of the JSON-lines file given as --option."""
+    for i, line in enumerate(read_utf8(path, option).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"--{option} {path}, line {i}: not JSON ({err.msg}); give one JSON object a line") from None
+        yield i, value
+
+
 def check_demo_file(path: str | Path) -> None:
     """Refuse a --demo_file that is not JSON lines of {"question": str, "answer": str or number} (GSM8K schema)."""
     path = Path(path)
     rows = 0
-    for i, line in enumerate(read_utf8(path, "demo_file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalError(f"--demo_file {path}, line {i}: not JSON ({err.msg}); give one JSON object a line") \
-                from None
+    for i, row in json_lines(path, "demo_file"):
         if not (isinstance(row, dict) and isinstance(row.get("question"), str)
                 and isinstance(row.get("answer"), (str, int, float)) and not isinstance(row.get("answer"), bool)):
             raise EvalError(f"--demo_file {path}, line {i}: expected an object with a \"question\" string and an "
@@ -185,13 +190,7 @@ def normalise_corpus(path: str | Path, out: Path) -> Path:
         raise EvalError(f"--corpus_file {path}: no such file")
     docs = []
     if path.suffix in (".jsonl", ".json"):
-        for i, line in enumerate(read_utf8(path, "corpus_file").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"--corpus_file {path}, line {i}: not JSON ({err.msg})") from None
+        for i, row in json_lines(path, "corpus_file"):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise EvalError(f"--corpus_file {path}, line {i}: expected an object with a \"text\" string")
             docs.append(row["text"])
