@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
-from align.runs import LOCK_FILE, WEIGHT_FILES, lock_run_dir, read_json, write_json
+from align.runs import LOCK_FILE, WEIGHT_FILES, Terminated, lock_run_dir, read_json, sigterm_unwinds, write_json
 
 STAGES = ("pretrain", "base", "sft", "reward", "ppo", "eval", "report")
 MODELS = ("base", "sft", "ppo")  # evaluated and compared, in this order
@@ -72,14 +72,6 @@ def has_model(directory: Path) -> bool:
 def newest_file(directory: Path) -> float:
     """mtime of the newest file directly in a directory (a model's weights, config and tokenizer)."""
     return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=0.0)
-
-
-class Terminated(Exception):
-    """SIGTERM (`kill`, scancel, a Slurm time limit) reached the pipeline."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated
 
 
 class Pipeline:
@@ -324,13 +316,13 @@ class Pipeline:
                 # interrupted): a report must never mix models.
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: older than the stages before it, running it again")
                 self.clear(stage)
-            elif stage == "eval" and self.complete(stage) and self.changed_settings():
-                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(self.changed_settings())} changed since it "
-                      "was built, running it again")
+            elif stage == "eval" and self.complete(stage) and (changed := self.changed_settings()):
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(changed)} changed since it was built, "
+                      "running it again")
                 self.clear(stage)
-            elif self.complete(stage) and self.changed_upstream(stage):
-                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(self.changed_upstream(stage))} changed since "
-                      "it was built (redone outside the pipeline?), running it again")
+            elif self.complete(stage) and (changed := self.changed_upstream(stage)):
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(changed)} changed since it was built "
+                      "(redone outside the pipeline?), running it again")
                 self.clear(stage)
             if self.complete(stage):
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: complete, skipped")
@@ -407,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         lock = lock_run_dir(out)  # noqa: F841 (held until the process exits)
     except FileExistsError as e:
         parser.error(str(e))
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
+        with sigterm_unwinds():
+            Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
     except (KeyboardInterrupt, Terminated) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         print(f"align pipeline: {what}; the same command continues (finished stages are skipped, pretraining "

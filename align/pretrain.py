@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from align.data.corpus import DataError, check_sources
-from align.data.prepare import DataConfig, Terminated, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
+from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
 from align.hardware import bf16_supported, device_type, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
 from align.recipe import RECIPE_FILE, parse_recipe, save_recipe
-from align.runs import (OutputDirError, check_output_path, has_contents, holds_cwd, lock_run_dir,
+from align.runs import (OutputDirError, Terminated, check_output_path, has_contents, holds_cwd, lock_run_dir,
                         prepare_output_dir, read_log, truncate_log, write_json)
 
 LOG_FILE = "train_log.jsonl"

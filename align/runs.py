@@ -1,10 +1,13 @@
-"""Run directories: refuse to clobber finished work, write small JSON files atomically."""
+"""Run directories: refuse to clobber finished work, write small JSON files atomically, clean up on SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -37,6 +40,31 @@ def lock_run_dir(path: str | Path):
     lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     lock.flush()
     return lock
+
+
+class Terminated(SystemExit):
+    """SIGTERM (`kill`, scancel, a Slurm time limit) inside `sigterm_unwinds`; exits with 143 once `finally` clauses
+    have run (the signal's default action ends the process on the spot: half-written files stay, children run on)."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextmanager
+def sigterm_unwinds():
+    """Inside the block SIGTERM raises Terminated, so that `finally` clauses run."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class OutputDirError(OSError):

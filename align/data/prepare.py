@@ -9,11 +9,8 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +36,7 @@ from align.data.shards import (
     read_meta,
     token_dtype,
 )
-from align.runs import write_json
+from align.runs import sigterm_unwinds, write_json
 
 FORMAT_VERSION = 4  # 2: val.jsonl (the validation documents as text, for held-out perplexity in `align eval`);
 # 3: special-token strings inside documents are encoded as text; C1 controls, U+2028/9 and soft hyphens cleaned;
@@ -246,31 +243,6 @@ def build_tokenizer(cfg: DataConfig, log):
     short = f" (vocab_size {cfg.vocab_size}: the text has no more merges)" if len(tokenizer) < cfg.vocab_size else ""
     log(f"[data] trained a {len(tokenizer)}-token BPE{short} on {chars:,} characters in {time.time() - t0:.1f}s")
     return tokenizer
-
-
-class Terminated(SystemExit):
-    """SIGTERM (scancel, a Slurm time limit, `kill`) while data was being prepared; exits with 143 once the
-    half-written directory is removed (the signal's default action ends the process on the spot, leaving it)."""
-
-    def __init__(self):
-        super().__init__(128 + signal.SIGTERM)
-
-
-@contextmanager
-def sigterm_unwinds():
-    """Inside the block SIGTERM raises Terminated, so that `finally` clauses run."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def stop(_signum, _frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def prepare_data(cfg: DataConfig, log=print) -> Path:
