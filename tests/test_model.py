@@ -339,6 +339,9 @@ def test_eos_as_a_tensor_and_a_tiny_temperature_behave():
     assert torch.equal(sampled, model.generate(idx, 6, top_k=5, generator=torch.Generator().manual_seed(0)))
     # Dividing raw logits by 1e-45 overflows to inf (and inf - inf = NaN in the softmax); it must act as greedy.
     assert torch.equal(model.generate(idx, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0)), greedy)
+    for below_fp32 in (1e-46, 1e-300, 5e-324):  # 0 once cast to fp32: the shifted top logit would be 0 / 0 = NaN
+        assert torch.equal(model.generate(idx, 6, temperature=below_fp32, generator=torch.Generator().manual_seed(0)),
+                           greedy)
 
 
 def test_generated_tokens_can_be_scored_with_gradients():

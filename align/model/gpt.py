@@ -429,7 +429,8 @@ def sample_next_token(
 ) -> torch.Tensor:
     """One token per row of logits (B, vocab): greedy at temperature 0, else top-k / nucleus sampling."""
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    # A temperature below fp32's smallest number (~1e-45) is 0 in the division below (0 / 0 = NaN): greedy too.
+    if temperature == 0 or torch.tensor(float(temperature), dtype=torch.float32) == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Shifted so that the largest logit is 0 before dividing: a tiny temperature then gives -inf, not inf - inf.
