@@ -54,6 +54,11 @@ def test_config_round_trips_through_json(tmp_path):
 
     from_numpy = tiny_config(n_layer=np.int64(2), intermediate_size=np.int32(96))  # sizes computed with numpy
     assert type(from_numpy.n_layer) is int and type(from_numpy.intermediate_size) is int
+    floats = tiny_config(dropout=np.float32(0.25), norm_eps=np.float32(1e-5), rope_theta=np.int64(20000))
+    assert (type(floats.dropout), type(floats.norm_eps), type(floats.rope_theta)) == (float, float, float)
+    assert (floats.dropout, floats.rope_theta) == (0.25, 20000.0)
+    floats.save(tmp_path / "floats.json")
+    assert GPTConfig.load(tmp_path / "floats.json") == floats
     from_numpy.save(tmp_path / "numpy.json")
     assert GPTConfig.load(tmp_path / "numpy.json") == from_numpy
 

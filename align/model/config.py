@@ -19,7 +19,7 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's float32 and int64 too
 
 
 @dataclass
@@ -52,6 +52,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
+            if not isinstance(value, (int, float)):  # numpy's: stored as plain floats (JSON, HF configs)
+                setattr(self, name, float(value))
         for name in ("tie_embeddings", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -73,6 +75,8 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.head_dim}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout, (int, float)):
+            self.dropout = float(self.dropout)
         if self.intermediate_size is None:
             if self.mlp == "gelu":
                 self.intermediate_size = 4 * self.n_embd
