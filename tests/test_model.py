@@ -321,7 +321,9 @@ def test_bad_generate_arguments_are_refused_up_front_and_keep_training_mode():
     for kwargs, message in ((dict(eos_token_id=[]), "eos_token_id"), (dict(temperature=float("nan")), "temperature"),
                             (dict(temperature=float("inf")), "temperature"), (dict(top_k=2.5), "top_k"),
                             (dict(temperature=None), "temperature"), (dict(temperature="1"), "temperature"),
-                            (dict(top_p="0.5"), "top_p"), (dict(top_k="2"), "top_k")):
+                            (dict(top_p="0.5"), "top_p"), (dict(top_k="2"), "top_k"),
+                            (dict(top_k=float("inf")), "top_k"), (dict(top_k=float("nan")), "top_k"),
+                            (dict(top_k=[3]), "top_k")):
         with pytest.raises(ValueError, match=message):
             model.generate(idx, 3, **kwargs)
     for bad_length in (True, 2.0, "3", torch.tensor([2])):

@@ -414,7 +414,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
     if isinstance(temperature, (str, bool)) or not isinstance(temperature, (numbers.Real, torch.Tensor)) \
             or not temperature >= 0 or math.isinf(temperature):  # also refuses NaN
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, (str, bool)) or int(top_k) != top_k or top_k < 1):
+    if top_k is not None and (isinstance(top_k, (str, bool)) or not isinstance(top_k, (numbers.Real, torch.Tensor))
+                              or not math.isfinite(top_k) or int(top_k) != top_k or top_k < 1):  # int(inf) raises
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, (str, bool)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
