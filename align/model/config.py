@@ -72,7 +72,8 @@ class GPTConfig:
                 f"GPTConfig.n_head ({self.n_head}) must be divisible by GPTConfig.n_kv_head ({self.n_kv_head})"
             )
         if self.position == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.head_dim}")
+            raise ValueError(f"GPTConfig.position 'rope' needs an even head size, got GPTConfig.n_embd / "
+                             f"GPTConfig.n_head = {self.n_embd} / {self.n_head} = {self.head_dim}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.dropout, (int, float)):
