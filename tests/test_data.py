@@ -518,6 +518,22 @@ def test_validation_split_too_small(tmp_path):
         prepare_data(small_cfg(tmp_path, [str(path)], val_fraction=0.01))
 
 
+def test_one_large_txt_file_is_cut_into_documents_and_split(tmp_path):
+    """A corpus in one .txt (nanoGPT's input.txt) is cut at blank lines, so it has a validation split; with
+    chunk_chars 0 the file is one document, which cannot be split."""
+    text = "\n\n".join(PARAGRAPHS)  # ~30K characters
+    (tmp_path / "input.txt").write_text(text)
+    chunks = [t for _, t in iter_source(str(tmp_path / "input.txt"), chunk_chars=2000)]
+    assert len(chunks) > 10 and "\n\n".join(chunks) == text and all(len(c) < 2200 for c in chunks)
+    data_dir = prepare_data(small_cfg(tmp_path, [str(tmp_path / "input.txt")], chunk_chars=2000, val_fraction=0.2),
+                            log=lambda *a: None)
+    meta = read_meta(data_dir)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(chunks)
+    assert meta["splits"]["val"]["documents"] > 0
+    with pytest.raises(DataError, match=r"split is empty: 1 documents.*chunk_chars \(0"):
+        prepare_data(small_cfg(tmp_path, [str(tmp_path / "input.txt")], chunk_chars=0, data_dir=str(tmp_path / "d0")))
+
+
 def test_every_document_in_validation_names_the_empty_train_split(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [{"text": PARAGRAPHS[0]}])
     with pytest.raises(DataError, match=r"the train split is empty: all 1 documents .* validation split.*val_fraction"):

@@ -138,7 +138,7 @@ def _supported(path: Path) -> bool:
 
 def iter_source(
     spec: str, text_field: str = "text", hf_split: str = "train", encoding_errors: str = "strict",
-    arithmetic_documents: int = 0,
+    arithmetic_documents: int = 0, chunk_chars: int = 0,
 ) -> Iterator[tuple[str, str]]:
     if spec == "shakespeare":
         yield from _shakespeare()
@@ -155,7 +155,7 @@ def iter_source(
         yield from _hf_dataset(spec, text_field, hf_split)
     else:
         for path in local_files(spec):
-            yield from _local_file(path, text_field, encoding_errors)
+            yield from _local_file(path, text_field, encoding_errors, chunk_chars)
 
 
 def _shakespeare() -> Iterator[tuple[str, str]]:
@@ -173,9 +173,15 @@ def _shakespeare() -> Iterator[tuple[str, str]]:
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
-    """Cut text at blank lines into pieces of about `size` characters."""
+    """Cut text at blank lines into pieces of about `size` characters (a text without blank lines, at line ends)."""
     piece, length = [], 0
     for para in re.split(r"\n\s*\n", text):
+        if len(para) > 2 * size:  # one paragraph per line, say
+            if piece:
+                yield "\n\n".join(piece)
+                piece, length = [], 0
+            yield from _line_chunks(para, size)
+            continue
         piece.append(para)
         length += len(para) + 2
         if length >= size:
@@ -183,6 +189,18 @@ def _chunks(text: str, size: int) -> Iterator[str]:
             piece, length = [], 0
     if piece:
         yield "\n\n".join(piece)
+
+
+def _line_chunks(text: str, size: int) -> Iterator[str]:
+    piece, length = [], 0
+    for line in text.split("\n"):
+        piece.append(line)
+        length += len(line) + 1
+        if length >= size:
+            yield "\n".join(piece)
+            piece, length = [], 0
+    if piece:
+        yield "\n".join(piece)
 
 
 def _stdlib() -> Iterator[tuple[str, str]]:
@@ -222,7 +240,7 @@ def _open_text(path: Path, encoding_errors: str) -> str:
 _JSON_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[tuple[str, str]]:
+def _local_file(path: Path, text_field: str, encoding_errors: str, chunk_chars: int = 0) -> Iterator[tuple[str, str]]:
     name = _base_name(path)
     if name.endswith(".parquet"):
         yield from _parquet(path, text_field)
@@ -241,7 +259,11 @@ def _local_file(path: Path, text_field: str, encoding_errors: str) -> Iterator[t
             raise DataError(f"{path}: a .json source must hold a list of objects; use .jsonl for one object per line")
         for i, row in enumerate(rows):
             yield f"{path}[{i}]", _text_of(row, text_field, f"{path}[{i}]", encoding_errors)
-    else:  # .txt, .md, .py: the whole file is one document
+    elif chunk_chars and len(text) > chunk_chars and not name.endswith(".py"):
+        # A book or a whole corpus in one .txt (nanoGPT's input.txt): as one document it could not be split
+        for i, chunk in enumerate(_chunks(text, chunk_chars)):
+            yield f"{path}#{i}", chunk
+    else:  # a short .txt or .md, a .py: the whole file is one document
         yield str(path), text
 
 

@@ -69,6 +69,11 @@ class DataConfig:
         metadata={"help": "take about this many characters from each text source, in whole documents (streamed hf: "
                           "sources need a cap)"},
     )
+    chunk_chars: int = field(
+        default=4000,
+        metadata={"help": "cut .txt/.md files longer than this at blank lines into documents of about this size, so "
+                          "that one large file can be split into train and validation (0: one document per file)"},
+    )
     arithmetic_documents: int = field(default=45_000, metadata={"help": "documents the `arithmetic` source generates"})
     encoding_errors: str = field(
         default="strict", metadata={"help": "non-UTF-8 bytes in local files: strict (error) or replace"}
@@ -102,7 +107,7 @@ class DataConfig:
             raise DataError(f"shard_tokens must be positive, got {self.shard_tokens}")
         if self.tokenizer_train_chars <= 0:  # 0 would train the BPE on the first document alone
             raise DataError(f"tokenizer_train_chars must be positive, got {self.tokenizer_train_chars}")
-        for name in ("arithmetic_documents", "min_chars"):
+        for name in ("arithmetic_documents", "min_chars", "chunk_chars"):
             if getattr(self, name) < 0:
                 raise DataError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_proc < 0:
@@ -179,7 +184,8 @@ def cached_data_dir(cfg: DataConfig) -> Path | None:
 
 def documents(cfg: DataConfig, cleaner: Cleaner) -> Iterator[tuple[str, bytes]]:
     for spec in cfg.sources:
-        raw = iter_source(spec, cfg.text_field, cfg.hf_split, cfg.encoding_errors, cfg.arithmetic_documents)
+        raw = iter_source(spec, cfg.text_field, cfg.hf_split, cfg.encoding_errors, cfg.arithmetic_documents,
+                          cfg.chunk_chars)
         # The arithmetic source is sized by arithmetic_documents, not by the character cap.
         yield from cleaner(capped(raw, None if spec == "arithmetic" else cfg.max_chars_per_source))
 
@@ -230,7 +236,8 @@ def build_tokenizer(cfg: DataConfig, log):
         raise DataError(
             f"the train split is empty: all {cleaner.counts['documents_kept']} documents left after cleaning fell "
             f"in the validation split (val_fraction {cfg.val_fraction}). A document-level split needs more "
-            "documents: cut the text into more files or .jsonl rows, or lower val_fraction"
+            f"documents: cut the text into more files or .jsonl rows, lower chunk_chars ({cfg.chunk_chars}; it cuts "
+            ".txt/.md files), or lower val_fraction"
         )
     if not texts:
         raise _empty_corpus(cfg, cleaner)
@@ -310,7 +317,8 @@ def _prepare_into(tmp: Path, data_dir: Path, cfg: DataConfig, key: str, spec: di
             raise DataError(
                 f"the {split} split is empty: {cleaner.counts['documents_kept']} documents after cleaning, "
                 f"val_fraction {cfg.val_fraction}. A document-level split needs more documents: cut the text into "
-                "more files or .jsonl rows, or change val_fraction"
+                f"more files or .jsonl rows, lower chunk_chars ({cfg.chunk_chars}; it cuts .txt/.md files), or change "
+                "val_fraction"
             )
     meta = {
         "format": FORMAT_VERSION,
