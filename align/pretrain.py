@@ -296,7 +296,11 @@ def step_dirs(output_dir: Path) -> list[Path]:
     """checkpoints/step-N directories, oldest first; a copy named otherwise (step-N.bak) is the user's."""
     root = output_dir / CHECKPOINTS
     found = [d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"step-\d+", d.name)] if root.is_dir() else []
-    return sorted(found)
+    return sorted(found, key=step_number)  # by number: names of 7 digits (step 1,000,000 on) sort before 6
+
+
+def step_number(step_dir: Path) -> int:
+    return int(step_dir.name.removeprefix("step-"))
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) -> Path:
@@ -473,7 +477,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     if cfg.resume:
         ckpts = checkpoint_dirs(output_dir)
         for skipped in step_dirs(output_dir):
-            if skipped not in ckpts and (not ckpts or skipped > ckpts[-1]):
+            if skipped not in ckpts and (not ckpts or step_number(skipped) > step_number(ckpts[-1])):
                 log(f"[pretrain] warning: passing over {skipped}: no {CONFIG_FILE} + {WEIGHTS_FILE} (incomplete)")
         if ckpts:
             check_resumable(ckpts[-1], output_dir, accelerator.unwrap_model(model), tok_hash)
@@ -782,7 +786,7 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, outp
         advice = ("no checkpoint was saved yet. Lower --learning_rate, raise --warmup_steps or set --max_grad_norm, "
                   "and start again")
     else:
-        saved_at = int(ckpts[-1].name.removeprefix("step-"))
+        saved_at = step_number(ckpts[-1])
         best = min(losses.items(), key=lambda kv: kv[1]) if losses else None
         history = (f" (logged loss {losses[saved_at]:.4g} at its step, lowest {best[1]:.4g} at step {best[0]})"
                    if saved_at in losses and best else "")

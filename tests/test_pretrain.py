@@ -803,3 +803,17 @@ def test_an_mfu_above_one_says_the_measured_peak_was_low(setup, monkeypatch, cap
     assert "is above 100%: the matmul peak measured at the start (0 GFLOP/s) came out low" in capsys.readouterr().out
     assert run(recipe, tmp / "fixed-peak", "--max_steps", "2", "--peak_flops", "1e6") == 0
     assert "is above 100%" not in capsys.readouterr().out
+
+
+def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path):
+    """step-1000000 is newer than step-999999: by name it sorted first, so a resume took the older checkpoint and
+    pruning deleted the newest."""
+    from align.pretrain import checkpoint_dirs
+
+    for step in (999998, 999999, 1000000, 1000001):
+        d = tmp_path / "checkpoints" / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / "gpt_config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"")
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step-999998", "step-999999", "step-1000000",
+                                                            "step-1000001"]
