@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import re
 import sys
@@ -14,6 +15,15 @@ import yaml
 from trl import TrlParser
 
 RECIPE_FILE = "recipe.yaml"
+# Other toolkits' names for options that are named otherwise here: (the option here, what to say)
+OTHER_NAMES = {
+    "gradient_accumulation_steps": ("micro_batch_size", "accumulation here follows from --micro_batch_size: "
+                                    "steps = batch_size / (micro_batch_size x processes)"),
+    "per_device_train_batch_size": ("micro_batch_size", "here it is --micro_batch_size"),
+    "lr": ("learning_rate", "here it is --learning_rate"),
+    "num_steps": ("max_steps", "here it is --max_steps"),
+    "out": ("output_dir", "here it is --output_dir"),
+}
 
 
 class RecipeError(ValueError):
@@ -60,15 +70,17 @@ def _parse(parser: RecipeParser, argv: list[str]):
         known = {action.dest for action in parser._actions} | {"env"}  # env: environment variables (TRL)
         unknown = [key for key in data if key not in known]
         if unknown:
-            raise RecipeError(f"recipe {config_path}: unknown key(s) {', '.join(map(str, unknown))}; check the "
-                              f"spelling against `{parser.prog} --help`")
+            raise RecipeError(f"recipe {config_path}: unknown key(s) {', '.join(map(str, unknown))}"
+                              f"{suggestions(parser, map(str, unknown), dashes='')}; check the spelling against "
+                              f"`{parser.prog} --help`")
         check_types(parser.dataclass_types, data, config_path)
     # The flags alone first, so a typo is reported as such even when it also makes a config check fail.
     _, unknown = parser.parse_known_args(flags)
     if unknown:
         options = [a for a in unknown if a.startswith("-")]
         what = f"unknown option(s) {' '.join(options)}" if options else f"unexpected argument(s) {' '.join(unknown)}"
-        raise RecipeError(f"{what}; see `{parser.prog} --help` for the options")
+        names = (a.removeprefix("--").split("=", 1)[0] for a in options)
+        raise RecipeError(f"{what}{suggestions(parser, names)}; see `{parser.prog} --help` for the options")
     try:
         return parser.parse_args_and_config(args=argv)
     except RecipeError as e:
@@ -76,6 +88,19 @@ def _parse(parser: RecipeParser, argv: list[str]):
         match = re.match(r"argument --([\w-]+)[^:]*: (.*)", str(e), re.DOTALL)
         field = f"field {match.group(1)}: {match.group(2)}" if match else str(e)
         raise RecipeError(f"recipe {config_path}: {field}") from None
+
+
+def suggestions(parser: RecipeParser, names, dashes: str = "--") -> str:
+    """' (did you mean --max_steps?)' for unknown option names close to, or other toolkits' names for, known ones;
+    `dashes` is "" for recipe keys."""
+    known = sorted(action.dest for action in parser._actions if action.dest != "help")
+    hints = []
+    for name in names:
+        if name in OTHER_NAMES and OTHER_NAMES[name][0] in known:
+            hints.append(f"for {dashes}{name}, {OTHER_NAMES[name][1].replace('--', dashes)}")
+        elif close := difflib.get_close_matches(name, known, n=1, cutoff=0.8):
+            hints.append(f"did you mean {dashes}{close[0]} for {dashes}{name}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def check_types(dataclass_types, data: dict, config_path: Path) -> None:

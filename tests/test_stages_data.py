@@ -447,12 +447,14 @@ def test_unknown_flags_recipe_keys_and_bad_values_are_named(tmp_path, capsys):
     recipe = ROOT / "recipes" / "smoke" / "sft.yaml"
     smoke = recipe.read_text()
     err = assert_refused(capsys, lambda: sft.main(["--config", str(recipe), "--max_stepz", "2"]),
-                         r"align sft: error: unknown option\(s\) --max_stepz; see `align sft --help`")
+                         r"align sft: error: unknown option\(s\) --max_stepz \(did you mean --max_steps for --max_stepz\?\); see "
+                         r"`align sft --help`")
     assert "HfArgumentParser" not in err and len(err.strip().splitlines()) == 1
     typo = tmp_path / "typo.yaml"
     typo.write_text(smoke + "max_stepz: 3\nlearning_rat: 0.1\n")
     err = assert_refused(capsys, lambda: sft.main(["--config", str(typo)]),
-                         rf"align sft: error: recipe {typo}: unknown key\(s\) max_stepz, learning_rat; check the "
+                         rf"align sft: error: recipe {typo}: unknown key\(s\) max_stepz, learning_rat \(did you mean max_steps "
+                         r"for max_stepz\?; did you mean learning_rate for learning_rat\?\); check the "
                          r"spelling against `align sft --help`")
     assert "fail_with_unknown_args" not in err
     wrong = tmp_path / "wrong.yaml"
@@ -477,7 +479,13 @@ def test_pretrain_and_stage_commands_name_themselves(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/align", "pretrain", "--config", "x.yaml"])
     assert_refused(capsys, lambda: pretrain.main(["--config", str(ROOT / "recipes/smoke/pretrain.yaml"),
                                                   "--max_stepz", "2"]),
-                   r"^align pretrain: error: unknown option\(s\) --max_stepz; see `align pretrain --help`")
+                   r"^align pretrain: error: unknown option\(s\) --max_stepz \(did you mean --max_steps for "
+                   r"--max_stepz\?\); see `align pretrain --help`")
+    # Another toolkit's name for an option is pointed to this one's
+    assert_refused(capsys, lambda: pretrain.main(["--config", str(ROOT / "recipes/smoke/pretrain.yaml"),
+                                                  "--gradient_accumulation_steps", "4", "--lr", "1"]),
+                   r"unknown option\(s\) --gradient_accumulation_steps --lr \(for --gradient_accumulation_steps, "
+                   r"accumulation here follows from --micro_batch_size: .*; for --lr, here it is --learning_rate\)")
     monkeypatch.setattr(sys, "argv", ["/repo/align/cli.py", "pretrain", "--help"])  # python -m align.cli (pipeline)
     with pytest.raises(SystemExit) as e:
         pretrain.main(["--help"])
@@ -491,7 +499,7 @@ def test_unknown_flag_from_the_command_line_has_no_traceback():
     result = subprocess.run([str(Path(sys.executable).with_name("align")), "sft", "--config", "recipes/smoke/sft.yaml",
                              "--max_stepz", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "align sft: error: unknown option(s) --max_stepz; see `align sft --help`" in result.stderr
+    assert "align sft: error: unknown option(s) --max_stepz (did you mean --max_steps" in result.stderr
 
 
 def test_config_checks_while_parsing_are_one_line_errors(tmp_path, capsys):
