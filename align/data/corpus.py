@@ -173,34 +173,25 @@ def _shakespeare() -> Iterator[tuple[str, str]]:
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
-    """Cut text at blank lines into pieces of about `size` characters (a text without blank lines, at line ends)."""
-    piece, length = [], 0
-    for para in re.split(r"\n\s*\n", text):
-        if len(para) > 2 * size:  # one paragraph per line, say
-            if piece:
-                yield "\n\n".join(piece)
-                piece, length = [], 0
-            yield from _line_chunks(para, size)
-            continue
-        piece.append(para)
-        length += len(para) + 2
-        if length >= size:
-            yield "\n\n".join(piece)
-            piece, length = [], 0
-    if piece:
-        yield "\n\n".join(piece)
+    """Cut text at blank lines into pieces of about `size` characters (a text with no blank lines for a long way,
+    one paragraph per line say, at line ends)."""
+    paragraphs = re.split(r"\n\s*\n", text)
+    if max(map(len, paragraphs)) <= 2 * size:
+        yield from _gather(paragraphs, "\n\n", size)
+    else:
+        yield from _gather(text.split("\n"), "\n", size)
 
 
-def _line_chunks(text: str, size: int) -> Iterator[str]:
+def _gather(parts: list[str], separator: str, size: int) -> Iterator[str]:
     piece, length = [], 0
-    for line in text.split("\n"):
-        piece.append(line)
-        length += len(line) + 1
+    for part in parts:
+        piece.append(part)
+        length += len(part) + len(separator)
         if length >= size:
-            yield "\n".join(piece)
+            yield separator.join(piece)
             piece, length = [], 0
     if piece:
-        yield "\n".join(piece)
+        yield separator.join(piece)
 
 
 def _stdlib() -> Iterator[tuple[str, str]]:
