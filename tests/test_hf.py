@@ -399,6 +399,8 @@ def test_checkpoint_round_trip_and_export_command(tmp_path, tiny_tokenizer):
         assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
     with pytest.raises(FileNotFoundError, match="gpt_config.json"):
         load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="step-000200: no such checkpoint directory .* holds step-000010"):
+        load_checkpoint(ckpt.parent / "step-000200")  # a step that was never saved, or was pruned
 
 
 def test_export_command_bad_input_is_a_clear_error_without_traceback(tmp_path, tiny_tokenizer):

@@ -319,6 +319,10 @@ def save_checkpoint(model: GPT, ckpt_dir: str | Path) -> None:
 def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
     """A GPT from a directory holding gpt_config.json and model.safetensors (a pretraining checkpoint)."""
     ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():  # a mistyped step: name the ones there are
+        there = sorted(p.name for p in ckpt_dir.parent.glob("step-*")) if ckpt_dir.parent.is_dir() else []
+        raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory"
+                                + (f" ({ckpt_dir.parent} holds {', '.join(there[-5:])})" if there else ""))
     if (ckpt_dir / "config.json").is_file():
         raise ValueError(f"{ckpt_dir} is a Hugging Face directory (an export), not a pretraining checkpoint: load it "
                          "with AutoModelForCausalLM.from_pretrained or from_hf, or export runs/NAME/checkpoints/step-N")
