@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerate_config", help="run the training stages under `accelerate launch` with this "
                                                     "config, e.g. recipes/accelerate/multi_gpu.yaml")
     args, overrides = parser.parse_known_args(argv)
+    if any(o == "--config" or o.startswith("--config=") for o in overrides):  # parse_recipe: "given more than once"
+        parser.error("--config is not an option here: --preset names the recipes (recipes/<preset>/pipeline.yaml and "
+                     "one per stage); pipeline.yaml's settings take --key value overrides (see --help)")
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         # recipes/accelerate/X.yaml names the repository's copy from any working directory, as --preset does
         bundled = RECIPES.parent / args.accelerate_config

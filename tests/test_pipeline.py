@@ -158,6 +158,12 @@ def test_accelerate_config_runs_training_stages_as_two_processes(tmp_path):
     assert not (out / "reward").exists() and not (out / "report").exists()  # --to sft stopped there
 
 
+def test_config_is_refused_with_a_pointer_to_preset(tmp_path):
+    result = run_pipeline(tmp_path / "x", tmp_path / "home", "--config", str(ROOT / "recipes" / "smoke" / "sft.yaml"))
+    assert result.returncode == 2 and "--config is not an option here: --preset" in result.stderr
+    assert "more than once" not in result.stderr and not (tmp_path / "x").exists()
+
+
 def test_missing_accelerate_config_is_refused(tmp_path):
     result = run_pipeline(tmp_path / "x", tmp_path / "home", "--accelerate_config", "nope.yaml")
     assert result.returncode != 0 and "nope.yaml: no such file" in result.stderr
