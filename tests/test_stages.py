@@ -79,8 +79,8 @@ def assert_generates(model_dir):
 
 
 def assert_run_files(out):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "recipe.yaml",
-                 "data_report.json", "README.md"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "metrics.json",
+                 "recipe.yaml", "data_report.json", "README.md"):
         assert (Path(out) / name).is_file(), name
 
 

@@ -638,6 +638,11 @@ def save_model(trainer, model, tokenizer, out: Path, merge_lora: bool) -> None:
         model.save_pretrained(out, safe_serialization=True)
     if state.is_main_process:
         tokenizer.save_pretrained(out)
+        if not (out / "generation_config.json").is_file():  # a reward model: its special ids, as every output has
+            from transformers import GenerationConfig
+
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     state.wait_for_everyone()
 
 
