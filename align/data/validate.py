@@ -78,7 +78,7 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(f"data file {path} not found")
     if path.suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: a byte order mark (Windows editors) is not row 1's text
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -95,7 +95,7 @@ def read_records(path: str | Path) -> list[Record]:
         return records
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
