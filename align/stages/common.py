@@ -538,6 +538,9 @@ def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=No
             enforce_quietly(report, data_args.max_dropped_fraction)
     if data_args.eval_fraction > 0 and eval_records is None and not evaluation:
         raise DataError(f"{source}: eval_fraction={data_args.eval_fraction} held out no rows; raise it or add rows")
+    if data_args.eval_fraction > 0 and eval_records is None and not train:
+        raise DataError(f"{source}: eval_fraction={data_args.eval_fraction} held out every row, leaving none to train "
+                        "on; lower it (it is a fraction below 1) or add rows")
     if kind == "prompt" and train and getattr(tokenizer, "chat_template", None) and isinstance(train[0]["prompt"], str):
         log(f"the prompts of {source} are plain strings: the model generates from them as text, without its chat "
             "template; give them as [{role: user, content}] turns if it was fine-tuned on conversations")
