@@ -439,6 +439,22 @@ def test_eval_fraction_splits_conversations_that_share_a_system_prompt():
     assert held and not any(json.dumps(r["prompt"]) in held_prompts for r in train)  # a prompt stays on one side
 
 
+
+def test_an_eval_fraction_that_holds_out_every_row_is_refused(tiny_hf_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "out", data, "--eval_fraction", "1.0"),
+                   r"align sft: error: .*sft\.jsonl: eval_fraction=1.0 held out every row, leaving none to train on")
+
+
+def test_a_data_file_with_a_byte_order_mark_reads_its_first_row(tmp_path):
+    jsonl, as_json = tmp_path / "bom.jsonl", tmp_path / "bom.json"
+    jsonl.write_bytes(("\ufeff" + json.dumps(GOOD) + "\r\n" + json.dumps(GOOD) + "\r\n").encode())
+    as_json.write_bytes(("\ufeff" + json.dumps([GOOD, GOOD])).encode())
+    for path in (jsonl, as_json):
+        kept, report = validate(read_records(path), "sft", str(path))
+        assert len(kept) == 2 and report.n_dropped == 0, report.examples
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes and flags: one-line errors naming the flag, file or field, exit status 2
 
