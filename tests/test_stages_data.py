@@ -661,6 +661,25 @@ def test_reward_eval_accuracy_counts_every_pair(tiny_hf_dir, tmp_path):
     exec(snippet.replace("PATH/TO/THIS/DIR", str(out)), {})
 
 
+def test_reward_pairs_end_at_the_eos_when_the_template_writes_more_after_it(tiny_hf_dir, tmp_path):
+    """A Qwen-style template ("<|im_end|>\\n") would put the reward model's score on the newline; PPO reads it at eos."""
+    from align.stages.common import parse_stage_args
+
+    def newline_after_eos(tok):
+        tok.chat_template = tok.chat_template.replace("'<|endoftext|>'", "'<|endoftext|>\\n'")
+        assert tok.chat_template != AutoTokenizer.from_pretrained(tiny_hf_dir).chat_template
+
+    model = copy_model(tiny_hf_dir, tmp_path / "newline", newline_after_eos)
+    pair = {"prompt": USER, "chosen": GOOD["completion"], "rejected": [{"role": "assistant", "content": "#### 6"}]}
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair] * 4)
+    argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "rm"), "--dataset_name", str(data),
+            "--eval_fraction", "0", "--max_steps", "1", *FAST]
+    trainer, _ = reward.build_trainer(*parse_stage_args((reward.RewardArguments, reward.RewardConfig,
+                                                         reward.ModelConfig), argv))
+    eos = trainer.processing_class.eos_token_id
+    assert all(row["chosen_ids"][-1] == eos and row["rejected_ids"][-1] == eos for row in trainer.train_dataset)
+
+
 def test_the_same_seed_gives_the_same_reward_model(tiny_hf_dir, tmp_path):
     """The reward model's new score head is drawn before the Trainer seeds anything: without seeding first, two runs
     of the same recipe start from different heads (and the tiny pipeline's result would change from run to run)."""

@@ -146,6 +146,26 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
     return rows
 
 
+def text_after_eos(tokenizer) -> bool:
+    """Whether the chat template writes more after the eos that closes an assistant turn (Qwen's "<|im_end|>\\n")."""
+    if not tokenizer.chat_template:
+        return False
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
+    return not text.endswith(tokenizer.eos_token) and text.rstrip().endswith(tokenizer.eos_token)
+
+
+def ids_cut_at_eos(rows: list[dict], tokenizer) -> list[dict]:
+    """Conversational pairs tokenized as TRL would, each ending at its last eos: the reward model reads its score at
+    the last token, and PPO reads it at the eos its responses stop at, not at what the template writes after it."""
+    def ids(turns):
+        ids = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+        return ids[: len(ids) - ids[::-1].index(tokenizer.eos_token_id)]
+
+    return [{"chosen_ids": ids(row["prompt"] + row["chosen"]), "rejected_ids": ids(row["prompt"] + row["rejected"])}
+            for row in rows]
+
+
 @torch.no_grad()
 def pairwise_accuracy(trainer) -> dict:
     """The fraction of eval pairs whose chosen answer the trained model scores above the rejected one, counted over
@@ -184,6 +204,10 @@ def build_trainer(script_args: RewardArguments, training_args: RewardConfig, mod
         train = add_self_negatives(script_args, training_args, model_args, tokenizer, train, out, "train")
         if evaluation:
             evaluation = add_self_negatives(script_args, training_args, model_args, tokenizer, evaluation, out, "eval")
+    if isinstance(train[0]["chosen"], list) and text_after_eos(tokenizer):
+        train, evaluation = ids_cut_at_eos(train, tokenizer), ids_cut_at_eos(evaluation, tokenizer)
+        log("reward: the chat template writes more after the eos that ends an answer; each pair is cut at that eos, "
+            "where PPO reads the score")
     trainer = RewardTrainer(
         model=model,
         args=training_args,
