@@ -424,6 +424,21 @@ def test_hub_dataset_names_and_splits(monkeypatch, tmp_path):
     assert report["train"]["source"] == "HuggingFaceH4/ultrafeedback_binarized[train_prefs]"
 
 
+def test_a_downloaded_copy_of_a_hub_dataset_repository(tmp_path):
+    """`hf download --repo-type dataset NAME --local-dir DIR` puts the splits in data/<split>-00000-of-00001.parquet."""
+    from datasets import Dataset
+
+    from align.stages.common import DataArguments, load_stage_data
+
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for split, n in (("train", 6), ("test", 2)):
+        Dataset.from_list([GOOD] * n).to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
+    args = DataArguments(dataset_name=str(tmp_path / "repo"), dataset_test_split="test")
+    training_args = type("T", (), {"output_dir": str(tmp_path / "o")})()
+    train, evaluation = load_stage_data(args, training_args, "sft", tmp_path)
+    assert len(train) == 6 and len(evaluation) == 2 and train[0] == GOOD
+
+
 def test_eval_fraction_splits_conversations_that_share_a_system_prompt():
     from align.stages.common import split_eval
 

@@ -436,6 +436,10 @@ def load_records(data_args, training_args, kind: str):
         return _saved_records(local, data_args)
     if local.is_dir():
         train = _local_split(local, data_args.dataset_train_split)
+        if train is None and not any(p.suffix in DATA_SUFFIXES for p in local.iterdir()):
+            # a copy of a hub dataset repository (`hf download --repo-type dataset NAME --local-dir DIR`): its files
+            # lie in subdirectories (data/train-00000-of-00001.parquet), which `datasets` reads by their split names
+            return _hub_records(data_args)
         if train is None:
             raise DataError(f"{local} has no {data_args.dataset_train_split}{{{','.join(DATA_SUFFIXES)}}} file; name "
                             "a data file directly or pass --dataset_train_split NAME")
