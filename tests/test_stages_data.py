@@ -194,6 +194,11 @@ def test_model_directory_missing_or_not_a_causal_lm(tiny_hf_dir, tmp_path, capsy
     args = ["--sft_model_path", str(tiny_hf_dir), "--reward_model_path", str(tiny_hf_dir), "--output_dir",
             str(tmp_path / "o4"), *FAST]
     assert_refused(capsys, lambda: ppo.main(args), r"is not a reward model .*pass the directory `align reward` wrote")
+    (tmp_path / "adapter").mkdir()  # what a stage writes with --use_peft true --merge_lora false
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    args[args.index("--reward_model_path") + 1] = str(tmp_path / "adapter")
+    assert_refused(capsys, lambda: ppo.main(args), r"reward model .*adapter has no config.json.*is a LoRA adapter "
+                                                   r"\(a stage run with merge_lora false\).*--merge_lora true")
 
 
 def test_reward_and_ppo_refuse_a_tokenizer_without_a_distinct_pad(tiny_hf_dir, tmp_path, capsys):

@@ -207,6 +207,9 @@ def check_model_dir(path: str | None, what: str, argument: str, kind: str = "cau
     if local.is_dir() and not (local / "config.json").is_file():
         hint = ("it looks like a pretraining checkpoint: export it with `align export CKPT --out DIR` first"
                 if (local / "gpt_config.json").is_file() else "pass the directory a stage or `align export` wrote")
+        if (local / "adapter_config.json").is_file():
+            hint = ("it is a LoRA adapter (a stage run with merge_lora false): run that stage again with --merge_lora "
+                    "true, or merge the adapter into its base model with peft's merge_and_unload and save that")
         raise FileNotFoundError(f"{what} {path} has no config.json, so it is not a Hugging Face model; {hint}")
     if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{what} {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:3])}): "
@@ -700,7 +703,7 @@ print(generate([{"role": "user", "content": question}])[0]["generated_text"][-1]
 REWARD_USAGE = """```python
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIR")
-model = AutoModelForSequenceClassification.from_pretrained("PATH/TO/THIS/DIR")
+model = AutoModelForSequenceClassification.from_pretrained("PATH/TO/THIS/DIR", num_labels=1)
 question = "Question: Tom has 3 apples and gets 4 more. How many apples does Tom have now?\\nAnswer:"
 messages = [{"role": "user", "content": question}, {"role": "assistant", "content": "3 + 4 = 7\\n#### 7"}]
 inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
