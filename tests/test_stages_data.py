@@ -118,6 +118,10 @@ def test_messages_and_preference_checks(tmp_path):
     kept, report = validate(read_records(write_jsonl(tmp_path / "p.jsonl", pairs)), "preference", "p.jsonl")
     assert len(kept) == 1 and report.dropped == {"identical_pair": 1, "wrong_role": 1}
     assert "prompt ends with a 'assistant' turn" in report.examples[1]
+    # a string prompt beside answers given as turns: said as such, not as an empty prompt extracted from them
+    mixed = [{"prompt": "What is 2 + 3?", "chosen": answer, "rejected": [{"role": "assistant", "content": "#### 6"}]}]
+    _, report = validate(read_records(write_jsonl(tmp_path / "x.jsonl", mixed)), "preference", "x.jsonl")
+    assert report.dropped == {"mixed_format": 1} and "'chosen' is a list" in report.examples[0], report.examples
 
 
 def test_rows_truncated_to_nothing_or_too_long(tiny_tokenizer, tmp_path):

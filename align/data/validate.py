@@ -254,7 +254,10 @@ def explicit_prompt(row: dict) -> dict:
     conversational = all(isinstance(v, list) and v and all(isinstance(m, dict) for m in v) for v in (chosen, rejected))
     if not conversational or (isinstance(row.get("prompt"), list)):
         return row
-    return {**row, **maybe_extract_prompt({"chosen": chosen, "rejected": rejected})}
+    extracted = maybe_extract_prompt({"chosen": chosen, "rejected": rejected})
+    if not extracted["prompt"] and "prompt" in row:  # no shared turns: the row's own (string) prompt stays
+        return row
+    return {**row, **extracted}
 
 
 def _row_problem(row: dict, kind: str, conversational: bool) -> tuple[str, str] | None:
