@@ -686,7 +686,8 @@ def test_reward_eval_accuracy_counts_every_pair(tiny_hf_dir, tmp_path):
 
 
 def test_reward_pairs_end_at_the_eos_when_the_template_writes_more_after_it(tiny_hf_dir, tmp_path):
-    """A Qwen-style template ("<|im_end|>\\n") would put the reward model's score on the newline; PPO reads it at eos."""
+    """A Qwen-style template ("<|im_end|>\\n") would put the reward model's score on the newline; PPO reads it at
+    eos."""
     from align.stages.common import parse_stage_args
 
     def newline_after_eos(tok):
