@@ -124,6 +124,10 @@ def test_compare_bad_inputs(tmp_path, capsys):
     (tmp_path / "other.json").write_text('{"a": 1}')
     assert report.main([str(good), str(tmp_path / "other.json"), "--out", str(tmp_path / "r")]) == 2
     assert "other.json is not a results file of `align eval`" in capsys.readouterr().err
+    (tmp_path / "trainer").mkdir()  # a directory holding another program's eval_results.json, and no model
+    (tmp_path / "trainer" / "eval_results.json").write_text('{"eval_loss": 1.2}')
+    assert report.main([str(good), str(tmp_path / "trainer"), "--out", str(tmp_path / "r")]) == 2
+    assert "eval_results.json is another program's" in capsys.readouterr().err
     with pytest.raises(report.CompareError, match="2 --names for 1 inputs"):
         report.build_report([results_file(tmp_path / "x.json", {})], tmp_path / "r", names=["a", "b"], prompts=None)
 

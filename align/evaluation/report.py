@@ -130,6 +130,9 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
         if path.is_file():  # named as results: say it is not; found in a directory (a trainer's file): none here
             raise CompareError(f"{results_file} is not a results file of `align eval` (no 'summary' list of metric "
                                "rows, each with a 'metric' name)")
+        if model_dir is None:  # nothing of ours to show: neither results nor a model to generate with
+            raise CompareError(f"{path} holds no results of `align eval` ({results_file.name} is another program's) "
+                               "and is not a model directory; run `align eval` first")
         results_file, report = None, {}
     if model_dir is None and report.get("align", {}).get("model") and Path(report["align"]["model"]).is_dir():
         model_dir = Path(report["align"]["model"])
