@@ -306,3 +306,16 @@ def test_generations_of_a_model_evaluated_with_a_peft_adapter_use_the_adapter(ti
     (tmp_path / "adapter" / "adapter_config.json").unlink()
     with pytest.raises(report.CompareError, match="was evaluated with the PEFT adapter .* not there any more"):
         report.build_report([base, lora], tmp_path / "r", prompts=["ROMEO:"], max_new_tokens=4)
+
+
+def test_paired_win_rate_is_found_when_names_rename_the_models(tmp_path):
+    """The pipeline keys the win rate by the previous model's directory (win_rate_vs_sft); --names must not hide it."""
+    run = tmp_path / "run"
+    for name, acc, extra in [("sft", 0.82, {"reward_mean": 0.7}),
+                             ("ppo", 0.70, {"reward_mean": 0.7, "win_rate_vs_sft": {"value": 0.6, "stderr": 0.01}})]:
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+        results_file(run / "eval" / name / "results.json", {"demo_accuracy": (acc, 0.02, 400)}, model=run / name)
+        (run / "eval" / name / "extra_metrics.json").write_text(json.dumps(extra))
+    summary = report.build_report([run / "sft", run / "ppo"], tmp_path / "r", names=["SFT", "PPO"], prompts=None)
+    assert len(summary["flags"]) == 1 and "prefers PPO's answers (win rate 0.600" in summary["flags"][0]

@@ -154,7 +154,8 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
     else:
         default_name = results_file.stem
     return {
-        "name": name or default_name, "results": str(results_file) if results_file else None,
+        "name": name or default_name, "default_name": default_name,
+        "results": str(results_file) if results_file else None,
         "model_dir": str(model_dir) if model_dir else None, "metrics": metrics, "logs": find_logs(log_dirs),
         "chat": bool(report.get("align", {}).get("apply_chat_template")),
         "peft": report.get("align", {}).get("peft"),  # the adapter `align eval --peft` applied to the model
@@ -196,7 +197,9 @@ def reward_hacking(entries: list[dict]) -> list[str]:
         r = difference(prev["metrics"][reward], cur["metrics"][reward]) if reward else None
         if r and r["diff"] > (r["se"] or 0.0):
             evidence.append(f"{reward} rose by {r['diff']:+.3f}")
-        win = cur["metrics"].get(f"win_rate_vs_{prev['name']}")
+        # keyed by the name the pipeline knew (its directory), which --names may have changed
+        win = next((cur["metrics"][f"win_rate_vs_{n}"] for n in (prev["name"], prev.get("default_name"))
+                    if f"win_rate_vs_{n}" in cur["metrics"]), None)
         if win and win.get("value") is not None and win["value"] - 0.5 > (win.get("stderr") or 0.0):
             evidence.append(f"the reward model prefers {cur['name']}'s answers (win rate {win['value']:.3f}"
                             + (f" ± {win['stderr']:.3f})" if win.get("stderr") is not None else ")"))
