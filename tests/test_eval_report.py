@@ -319,3 +319,9 @@ def test_paired_win_rate_is_found_when_names_rename_the_models(tmp_path):
         (run / "eval" / name / "extra_metrics.json").write_text(json.dumps(extra))
     summary = report.build_report([run / "sft", run / "ppo"], tmp_path / "r", names=["SFT", "PPO"], prompts=None)
     assert len(summary["flags"]) == 1 and "prefers PPO's answers (win rate 0.600" in summary["flags"][0]
+
+
+def test_renamed_duplicates_do_not_collide_with_another_name(tmp_path):
+    files = [results_file(tmp_path / f"{i}.json", {"demo_accuracy": (0.5, 0.05, 100)}) for i in range(3)]
+    summary = report.build_report(files, tmp_path / "r", names=["a", "a", "a-2"], prompts=None)
+    assert list(summary["models"]) == ["a", "a-3", "a-2"]

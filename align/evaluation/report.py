@@ -443,10 +443,15 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
         entry = load_entry(path, names[i] if names else None)
         entries.append(entry)
     seen: dict[str, int] = {}
+    taken = {e["name"] for e in entries}
     for entry in entries:  # unique names: two runs' "final" directories become final, final-2
         seen[entry["name"]] = seen.get(entry["name"], 0) + 1
         if seen[entry["name"]] > 1:
-            entry["name"] = f"{entry['name']}-{seen[entry['name']]}"
+            base, count = entry["name"], seen[entry["name"]]
+            while f"{base}-{count}" in taken:  # another input may already be called final-2
+                count += 1
+            entry["name"] = f"{base}-{count}"
+            taken.add(entry["name"])
     for path, entry in zip(inputs, entries):
         if entry["results"] is None and not prompts:
             raise CompareError(f"{path} is a model directory without evaluation results (none in it, nor at "
