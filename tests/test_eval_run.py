@@ -201,6 +201,17 @@ def test_model_dir_missing_or_not_loadable(eval_home, tmp_path, capsys):
     (broken / "config.json").write_text('{"model_type": "llama"}')
     assert run_eval(["--model", str(broken), "--tasks", "arc_easy"], tmp_path)[0] == 2
     assert "could not load the model in" in capsys.readouterr().err
+    notok = tmp_path / "notok"  # weights and config, but the tokenizer files were not copied along
+    notok.mkdir()
+    (notok / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    assert run_eval(["--model", str(notok), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert "it holds no tokenizer (tokenizer.json," in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert run_eval(["--model", str(adapter), "--tasks", "arc_easy"], tmp_path)[0] == 2
+    assert f"is a PEFT adapter, not a model; give its base model as --model and --peft {adapter}" in \
+        capsys.readouterr().err
     (broken / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}')
     assert run_eval(["--model", str(broken), "--tasks", "arc_easy"], tmp_path)[0] == 2
     assert "is a sequence classifier (LlamaForSequenceClassification, e.g. a reward model)" in capsys.readouterr().err

@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_template: bool = False):
     """The model and tokenizer in `model_dir` (plus a PEFT adapter), or an EvalError saying what is wrong."""
     import torch
@@ -80,6 +84,9 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_t
         raise EvalError(f"--model {path}: no such directory")
     if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
         raise EvalError(f"--model {path} is a pretraining run directory; its exported model is --model {path / 'hf'}")
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise EvalError(f"--model {path} is a PEFT adapter, not a model; give its base model as --model and "
+                        f"--peft {path}")
     if not (path / "config.json").is_file():
         raise EvalError(f"--model {path} is not a Hugging Face model directory (no config.json); "
                         "export a pretraining checkpoint with `align export CKPT --out DIR`")
@@ -89,6 +96,9 @@ def load_model(model_dir: str, peft: str | None, device: str, dtype: str, chat_t
                         "model; evaluate the SFT or PPO model instead")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):  # transformers would blame sentencepiece
+        raise EvalError(f"could not load the model in {path}: it holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                        "save the tokenizer beside the weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
