@@ -243,16 +243,16 @@ def test_malformed_extra_metrics_are_an_error_naming_the_file(tmp_path, capsys, 
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("content", ['{"a": "b"}', '"one prompt"', "[1, 2]", "[]"])
+@pytest.mark.parametrize("content", ['{"a": "b"}', '"one prompt"', "[1, 2]", "[]", '["Hi", ""]'])
 def test_prompts_that_are_not_a_list_of_strings_are_an_error(tmp_path, capsys, content):
-    """Were silently the object's keys or the string's characters as prompts, a tokenizer traceback, or (empty)
-    "generations are off" for a model directory."""
+    """Were silently the object's keys or the string's characters as prompts, a tokenizer traceback, (empty)
+    "generations are off" for a model directory, or (an empty prompt) a traceback from generate on no tokens."""
     a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.5, 0.01, 100)})
     prompts = tmp_path / "prompts.json"
     prompts.write_text(content)
     assert report.main([str(a), "--out", str(tmp_path / "r"), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err
-    assert f"--prompts {prompts}: expected a non-empty JSON list of prompt strings" in err and "Traceback" not in err
+    assert f"--prompts {prompts}: expected a non-empty JSON list of non-empty prompt strings" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 

@@ -595,9 +595,9 @@ def main(argv: list[str] | None = None) -> int:
             extra[name] = check_extra(f"--extra {item}", read_json_arg("--extra", file))
         prompts = None if args.no_generations else (read_json_arg("--prompts", args.prompts) if args.prompts else PROMPTS)
         if args.prompts and prompts is not None and not (
-                isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
-            raise CompareError(f"--prompts {args.prompts}: expected a non-empty JSON list of prompt strings, e.g. "
-                               '["Question: 2 + 3?\\nAnswer:"] (or pass --no_generations)')
+                isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts)):
+            raise CompareError(f"--prompts {args.prompts}: expected a non-empty JSON list of non-empty prompt strings, "
+                               'e.g. ["Question: 2 + 3?\\nAnswer:"] (or pass --no_generations)')
         summary = build_report(args.inputs, args.out, args.names, extra, prompts, args.max_new_tokens, args.overwrite)
     except CompareError as err:
         print(f"align compare: error: {err}", file=sys.stderr)
