@@ -463,7 +463,6 @@ def test_eval_fraction_splits_conversations_that_share_a_system_prompt():
     assert held and not any(json.dumps(r["prompt"]) in held_prompts for r in train)  # a prompt stays on one side
 
 
-
 def test_an_eval_fraction_that_holds_out_every_row_is_refused(tiny_hf_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
     assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "out", data, "--eval_fraction", "1.0"),
