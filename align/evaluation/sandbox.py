@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-NOBODY = 65534
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
 MARKER_VAR = "ALIGN_SANDBOX_ID"
 
