@@ -120,7 +120,7 @@ def find_logs(dirs: list[Path]) -> dict[str, list[dict]]:
     return logs
 
 
-def load_entry(path: str | Path, name: str | None = None, extra: dict | None = None) -> dict:
+def load_entry(path: str | Path, name: str | None = None) -> dict:
     path = Path(path)
     results_file, model_dir = find_results(path)
     report = read_json_arg("results", str(results_file)) if results_file else {}
@@ -142,7 +142,6 @@ def load_entry(path: str | Path, name: str | None = None, extra: dict | None = N
         if (place / EXTRA_FILE).is_file():
             extra_file = str(place / EXTRA_FILE)
             metrics |= {k: metric_entry(v) for k, v in check_extra(extra_file, read_json_arg("", extra_file)).items()}
-    metrics |= {k: metric_entry(v) for k, v in (extra or {}).items()}
     run_dir = None  # the run directory around a results file: RUN/eval/results.json or RUN/results.json
     if results_file:
         run_dir = results_file.parent.parent if results_file.parent.name == "eval" else results_file.parent
