@@ -573,7 +573,6 @@ def rename_columns(records: list[Record], columns: dict[str, str], source: str) 
 
 def enforce_quietly(report: DataReport, max_dropped_fraction: float) -> None:
     """Same decision as `enforce` on the other ranks, without printing the report twice."""
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
