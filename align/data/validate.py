@@ -159,12 +159,12 @@ def _turns_problem(value, column: str, conversational: bool, *, last_role: str |
     return None
 
 
-def _prompt_tokens(tokenizer, prompt) -> int:
-    """Length of a prompt as the model sees it before the completion (chat template + generation prompt)."""
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as the model sees it before the completion (chat template + generation prompt)."""
     if isinstance(prompt, list):
-        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
-    return len(tokenizer(prompt)["input_ids"])
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
 
 
 def full_tokens(tokenizer, prompt, completion) -> int:
@@ -307,7 +307,7 @@ def _length_problem(row, kind, tokenizer, max_length, long_rows, max_prompt_leng
     else:
         prompt = row["prompt"]
         completions = [row["completion"]] if kind == "sft" else [row["chosen"], row["rejected"]]
-    n_prompt = _prompt_tokens(tokenizer, prompt) if prompt else 0
+    n_prompt = len(prompt_ids(tokenizer, prompt)) if prompt else 0
     if max_prompt_length is not None and n_prompt > max_prompt_length:
         return "too_long", (f"the prompt is {n_prompt} tokens, more than max_prompt_length={max_prompt_length}; "
                             "raise max_prompt_length or shorten the prompt")

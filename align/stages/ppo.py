@@ -14,6 +14,7 @@ from trl import ModelConfig
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known and pinned: trl>=1.9,<1.13
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
+from align.data.validate import prompt_ids
 from align.hardware import unsharded_warning
 from align.stages.common import (
     JsonlLogger,
@@ -146,14 +147,7 @@ def check_ppo_config(training_args: PPOConfig, tokenizer) -> None:
 
 def tokenize_prompts(rows: list[dict], tokenizer):
     """input_ids of each prompt exactly as SFT and the reward model saw it: chat template + generation prompt."""
-
-    def ids(prompt):
-        if isinstance(prompt, list):
-            return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
-        return tokenizer(prompt)["input_ids"]
-
-    return to_dataset([{"input_ids": ids(row["prompt"])} for row in rows])
+    return to_dataset([{"input_ids": prompt_ids(tokenizer, row["prompt"])} for row in rows])
 
 
 def build_trainer(script_args: PPOArguments, training_args: PPOConfig, model_args: ModelConfig):
