@@ -114,7 +114,7 @@ def sample_wrong_answers(model, tokenizer, rows: list[dict], fraction: float, sa
 def add_self_negatives(script_args: RewardArguments, training_args, model_args, tokenizer, rows: list[dict],
                        out: Path, name: str) -> list[dict]:
     """Replace some rejected answers with the SFT model's own wrong ones; the main process samples them once and
-    writes them to self_negatives.jsonl (which every rank then reads)."""
+    writes them to <name>_self_negatives.jsonl (which every rank then reads)."""
     from transformers import AutoModelForCausalLM
 
     path = out / f"{name}_{SELF_NEGATIVES_FILE}"
