@@ -32,7 +32,8 @@ class PipelineConfig:
     """recipes/<preset>/pipeline.yaml: what the eval and report stages measure."""
 
     eval_suite: str = field(
-        default="tiny", metadata={"help": "suite from evals/suites.yaml run on base, SFT and PPO (its tasks and limits)"}
+        default="tiny",
+        metadata={"help": "suite from evals/suites.yaml run on base, SFT and PPO (its tasks and limits)"},
     )
     eval_batch_size: int = field(default=32, metadata={"help": "lm-eval batch size"})
     confirm_run_unsafe_code: bool = field(
@@ -236,7 +237,8 @@ class Pipeline:
             fetched = self.config.fetch_benchmarks and subprocess.run(
                 [sys.executable, "-m", "align.cli", "benchmarks", "fetch"]).returncode == 0
             if not fetched:
-                print(f"[pipeline] WARNING: no benchmark pack; skipping {needs_pack} (`align benchmarks fetch` gets it)")
+                print(f"[pipeline] WARNING: no benchmark pack; skipping {needs_pack} "
+                      "(`align benchmarks fetch` gets it)")
                 tasks = [t for t in tasks if t not in needs_pack]
         if "ppl_corpus" in tasks and self.corpus_val_file() is None:
             print("[pipeline] WARNING: no held-out pretraining documents (val.jsonl) found; skipping ppl_corpus")

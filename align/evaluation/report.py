@@ -290,8 +290,8 @@ def plot_curves(name: str, logs: dict[str, list[dict]]) -> list[tuple[str, str]]
         if not keys:
             continue
         cols = min(4, len(keys))
-        fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.6 * cols, 2.6 * math.ceil(len(keys) / cols)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols,
+                                 figsize=(3.6 * cols, 2.6 * math.ceil(len(keys) / cols)), squeeze=False)
         for ax, key in zip(axes.flat, keys):
             points = [(r.get("step", r.get("global_step", i)), r[key]) for i, r in enumerate(rows) if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1.2)
@@ -467,7 +467,8 @@ def build_report(inputs: list[str | Path], out_dir: str | Path, names: list[str]
             entry["metrics"][metric] = metric_entry(value)
 
     metrics = list(dict.fromkeys(m for e in entries for m in e["metrics"]))
-    metrics.sort(key=lambda m: 0 if m == ACCURACY_METRIC else 1 if m in REWARD_METRICS or m.startswith("win_rate") else 2)
+    metrics.sort(key=lambda m: 0 if m == ACCURACY_METRIC
+                 else 1 if m in REWARD_METRICS or m.startswith("win_rate") else 2)
     flags = reward_hacking(entries)
     generations = {}
     if prompts:
@@ -502,10 +503,12 @@ def table_rows(entries: list[dict], metrics: list[str]) -> list[list[str]]:
         cells = [m]
         for e in entries:
             entry = e["metrics"].get(m)
-            cells.append(fmt(entry) + (mark(difference(base["metrics"].get(m, {}), entry)) if e is not base and entry else ""))
+            cells.append(fmt(entry)
+                         + (mark(difference(base["metrics"].get(m, {}), entry)) if e is not base and entry else ""))
         ns = [str(e["metrics"].get(m, {}).get("n") or "–") for e in entries]
         n = ns[0] if len(set(ns)) == 1 else " / ".join(ns)  # per model, when they differ
-        chance = next((e["metrics"][m].get("chance") for e in entries if e["metrics"].get(m, {}).get("chance") is not None), None)
+        chance = next((e["metrics"][m].get("chance") for e in entries
+                       if e["metrics"].get(m, {}).get("chance") is not None), None)
         cells += ["" if n == "–" else n, "" if chance is None else f"{chance:g}"]
         rows.append(cells)
     return rows
@@ -553,8 +556,8 @@ def html_page(entries, metrics, flags, generations, prompts, bars, curves) -> st
         parts += ["<h2>Metrics</h2>", f"<img alt='metrics' style='max-width:100%' src='data:image/png;base64,{bars}'>"]
     if curves:
         parts += ["<h2>Training curves</h2>"]
-        parts += [f"<h3>{esc(title)}</h3><img alt='{esc(title)}' style='max-width:100%' src='data:image/png;base64,{data}'>"
-                  for title, data in curves]
+        parts += [f"<h3>{esc(title)}</h3><img alt='{esc(title)}' style='max-width:100%' "
+                  f"src='data:image/png;base64,{data}'>" for title, data in curves]
     if generations:
         parts += ["<h2>Generations (greedy)</h2>"]
         for i, prompt in enumerate(prompts):
@@ -592,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not Path(file).is_file():
                 raise CompareError(f"--extra {item}: expected NAME=FILE with an existing JSON file")
             extra[name] = check_extra(f"--extra {item}", read_json_arg("--extra", file))
-        prompts = None if args.no_generations else (read_json_arg("--prompts", args.prompts) if args.prompts else PROMPTS)
+        prompts = (None if args.no_generations
+                   else read_json_arg("--prompts", args.prompts) if args.prompts else PROMPTS)
         if args.prompts and prompts is not None and not (
                 isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts)):
             raise CompareError(f"--prompts {args.prompts}: expected a non-empty JSON list of non-empty prompt strings, "

@@ -343,7 +343,8 @@ def evaluate(args: argparse.Namespace, lm=None) -> tuple[dict, dict | None]:
         "align": {
             "model": str(Path(args.model).resolve()), "peft": str(Path(args.peft).resolve()) if args.peft else None,
             "suite": args.suite or (None if args.tasks else "core"),
-            "tasks": order, "lm_eval_tasks": len(task_names(objects)), "limit": args.limit, "num_fewshot": args.num_fewshot,
+            "tasks": order, "lm_eval_tasks": len(task_names(objects)), "limit": args.limit,
+            "num_fewshot": args.num_fewshot,
             "apply_chat_template": args.apply_chat_template, "device": device, "batch_size": args.batch_size,
             "source": args.source, "seconds": round(seconds, 2), "sandbox_isolation": isolation,
             "max_length": lm.max_length,

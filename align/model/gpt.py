@@ -1,6 +1,7 @@
 """The from-scratch GPT: embeddings, RoPE or learned positions, pre-norm blocks, KV-cache generation.
 
-One file, read top to bottom: norms -> rotary embedding -> KV cache -> attention -> MLP -> block -> loss -> model -> sampling.
+One file, read top to bottom: norms -> rotary embedding -> KV cache -> attention -> MLP -> block -> loss ->
+model -> sampling.
 Weights are laid out so that `align.model.hf` can map them one to one onto transformers' LlamaForCausalLM
 and GPT2LMHeadModel; the only difference is that q/k/v (and SwiGLU's gate/up) are fused into one matmul.
 """

@@ -285,7 +285,8 @@ def from_hf(hf_model: PreTrainedModel | str | Path) -> GPT:
         for i in range(c.n_layer):
             src, dst = f"transformer.h.{i}.", f"blocks.{i}."
             for ours_name, theirs_name in (
-                ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"),
+                ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                ("mlp.proj", "mlp.c_proj"),
             ):
                 ours[dst + ours_name + ".weight"] = take(src + theirs_name + ".weight").t().contiguous()
                 ours[dst + ours_name + ".bias"] = take(src + theirs_name + ".bias")
@@ -349,6 +350,7 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> GPT:
 
 def _model_card(model: GPT, tokenizer, hf_class: str) -> str:
     c = model.config
+    tokens = f"{len(tokenizer)} tokens, eos `{tokenizer.eos_token}`, pad `{tokenizer.pad_token}`"
     return f"""---
 library_name: transformers
 tags: [align, from-scratch]
@@ -364,7 +366,7 @@ a standard `{hf_class}` with the same weights: logits match the original to floa
 | layers / heads / kv heads / width | {c.n_layer} / {c.n_head} / {c.n_kv_head} / {c.n_embd} |
 | norm / positions / MLP | {c.norm} / {c.position} / {c.mlp} |
 | context length | {c.block_size} |
-| vocabulary | {c.vocab_size} (tokenizer: {len(tokenizer)} tokens, eos `{tokenizer.eos_token}`, pad `{tokenizer.pad_token}`) |
+| vocabulary | {c.vocab_size} (tokenizer: {tokens}) |
 
 ```python
 from transformers import pipeline
