@@ -144,7 +144,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     p.add_argument("--skip_hf", action="store_true")
-    p.add_argument("--data_dir", help="keep the prepared corpus here and reuse it on the next run (default: a temp dir)")
+    p.add_argument("--data_dir",
+                   help="keep the prepared corpus here and reuse it on the next run (default: a temp dir)")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -163,7 +164,8 @@ def main():
 
 
 def bench(args, device, gpu: bool, bf16: bool, dtype, root: Path):
-    data_cfg, data_dir = prepare_bench_data(Path(args.data_dir) if args.data_dir else root / "data", args.vocab_size, gpu)
+    data_cfg, data_dir = prepare_bench_data(Path(args.data_dir) if args.data_dir else root / "data",
+                                            args.vocab_size, gpu)
     from transformers import AutoTokenizer
 
     vocab = 64 * -(-len(AutoTokenizer.from_pretrained(data_dir / "tokenizer")) // 64)

@@ -1,4 +1,7 @@
-"""DPO: accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/dpo.py --config recipes/PRESET/dpo.yaml"""
+"""DPO, under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/dpo.py --config recipes/PRESET/dpo.yaml
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""GRPO with a verifiable reward: accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/grpo.py --config recipes/PRESET/grpo.yaml"""
+"""GRPO with a verifiable reward, under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/grpo.py --config recipes/PRESET/grpo.yaml
+"""
 
 import sys
 

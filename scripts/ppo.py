@@ -1,4 +1,7 @@
-"""PPO (trl<1.13): accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/ppo.py --config recipes/PRESET/ppo.yaml"""
+"""PPO (trl<1.13), under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/ppo.py --config recipes/PRESET/ppo.yaml
+"""
 
 import sys
 

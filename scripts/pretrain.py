@@ -1,4 +1,8 @@
-"""Pretrain the from-scratch GPT: `accelerate launch [--config_file recipes/accelerate/X.yaml] scripts/pretrain.py --config recipes/<preset>/pretrain.yaml [--key value ...]`."""
+r"""Pretrain the from-scratch GPT, under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/X.yaml] scripts/pretrain.py \
+        --config recipes/<preset>/pretrain.yaml [--key value ...]
+"""
 
 import sys
 

@@ -1,4 +1,8 @@
-"""Reward model training: accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/reward.py --config recipes/PRESET/reward.yaml"""
+r"""Reward model training, under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] \
+        scripts/reward.py --config recipes/PRESET/reward.yaml
+"""
 
 import sys
 

@@ -1,4 +1,7 @@
-"""Supervised fine-tuning: accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/sft.py --config recipes/PRESET/sft.yaml"""
+"""Supervised fine-tuning, under `accelerate launch`:
+
+    accelerate launch [--config_file recipes/accelerate/TOPOLOGY.yaml] scripts/sft.py --config recipes/PRESET/sft.yaml
+"""
 
 import sys
 
