@@ -189,7 +189,8 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"ints.parquet\[row 0\]: column 'text' holds int, not text"):
         list(iter_source(str(tmp_path / "ints.parquet")))
     # a categorical (dictionary-encoded) text column is text
-    pq.write_table(pa.table({"text": pa.array(["a row", "b row", "a row"]).dictionary_encode()}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"text": pa.array(["a row", "b row", "a row"]).dictionary_encode()}),
+                   tmp_path / "c.parquet")
     assert [t for _, t in iter_source(str(tmp_path / "c.parquet"))] == ["a row", "b row", "a row"]
 
 
@@ -357,7 +358,8 @@ def test_the_cache_knows_a_given_tokenizer_by_its_file(tmp_path, tiny_tokenizer)
         tiny_tokenizer.save_pretrained(tmp_path / name)
     key_a, key_b = (cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / n)))[0] for n in "ab")
     assert key_a == key_b  # two copies (say two exports of one run) share their shards
-    (tmp_path / "b" / "tokenizer.json").write_text((tmp_path / "b" / "tokenizer.json").read_text().replace(" ", "  ", 1))
+    (tmp_path / "b" / "tokenizer.json").write_text(
+        (tmp_path / "b" / "tokenizer.json").read_text().replace(" ", "  ", 1))
     assert cache_key(DataConfig(sources=["shakespeare"], tokenizer=str(tmp_path / "b")))[0] != key_a
 
 
@@ -544,7 +546,8 @@ def test_too_few_tokens_for_a_window_says_how_many_are_needed(prepared):
     _, data_dir = prepared
     shards = TokenShards(data_dir, "val")
     block = shards.tokens // 2 + 1  # a window fits, but not the room the per-epoch shift needs
-    with pytest.raises(DataError, match=rf"val split has {shards.tokens:,} tokens.*at least {2 * block:,} tokens.*raise val_"):
+    with pytest.raises(DataError,
+                       match=rf"val split has {shards.tokens:,} tokens.*at least {2 * block:,} tokens.*raise val_"):
         BatchLoader(shards, block, 4, seed=0)
     BatchLoader(shards, block, 4, seed=0, shuffle=False)  # without the shift it fits
 
@@ -694,7 +697,8 @@ def test_prepare_data_uses_init_froms_tokenizer_as_pretrain_does(tmp_path, tiny_
     (tmp_path / "model" / "checkpoints" / "step-000001").mkdir(parents=True)
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in PARAGRAPHS[:100]])
     assert prepare_main(["--sources", str(path), "--val_fraction", "0.2", "--num_proc", "1", "--data_dir",
-                         str(tmp_path / "d"), "--init_from", str(tmp_path / "model" / "checkpoints" / "step-000001")]) == 0
+                         str(tmp_path / "d"), "--init_from",
+                         str(tmp_path / "model" / "checkpoints" / "step-000001")]) == 0
     assert read_meta(tmp_path / "d")["tokenizer_hash"] == tokenizer_hash(tiny_tokenizer)
     assert prepare_main(["--sources", str(path), "--init_from", str(tmp_path / "docs.jsonl"), "--data_dir",
                          str(tmp_path / "e")]) == 2

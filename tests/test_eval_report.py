@@ -25,13 +25,15 @@ def test_compare_marks_only_differences_beyond_noise_and_flags_reward_hacking(tm
     ppo = results_file(tmp_path / "ppo" / "eval" / "results.json", {
         "demo_accuracy": (0.33, 0.02, 400), "arc_easy_acc": (0.31, 0.02, 500),
         "lambada_word_perplexity": (100.0, 3.0, 100)})
-    (tmp_path / "sft" / "eval" / "extra_metrics.json").write_text(json.dumps({"reward_mean": {"value": 0.49, "stderr": 0.01}}))
+    (tmp_path / "sft" / "eval" / "extra_metrics.json").write_text(
+        json.dumps({"reward_mean": {"value": 0.49, "stderr": 0.01}}))
     (tmp_path / "ppo" / "ppo_log.jsonl").write_text(
         "".join(json.dumps({"step": s, "objective/kl": 0.1 * s, "objective/scores": 0.4 + 0.01 * s, "note": "x"}) + "\n"
                 for s in range(10)) + "{not json\n")
     out = tmp_path / "report"
-    summary = report.build_report([sft, ppo], out, extra_metrics={"ppo": {"reward_mean": {"value": 0.75, "stderr": 0.01},
-                                                                          "win_rate": 0.8}}, prompts=None)
+    summary = report.build_report(
+        [sft, ppo], out, extra_metrics={"ppo": {"reward_mean": {"value": 0.75, "stderr": 0.01}, "win_rate": 0.8}},
+        prompts=None)
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
@@ -57,7 +59,8 @@ def test_no_flag_when_accuracy_holds(tmp_path):
     a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.75, 0.02, 400)})
     b = results_file(tmp_path / "b.json", {"demo_accuracy": (0.74, 0.02, 400)})
     summary = report.build_report([a, b], tmp_path / "r", names=["sft", "ppo"],
-                                  extra_metrics={"sft": {"reward_mean": 0.5}, "ppo": {"reward_mean": 0.7}}, prompts=None)
+                                  extra_metrics={"sft": {"reward_mean": 0.5}, "ppo": {"reward_mean": 0.7}},
+                                  prompts=None)
     assert summary["flags"] == []
 
 
@@ -82,7 +85,8 @@ def test_paired_win_rate_is_evidence_of_reward_hacking(tmp_path, win_rate, flagg
 def test_generations_side_by_side_for_model_dirs(tiny_hf_dir, tmp_path):
     results_file(tiny_hf_dir / "eval" / "results.json", {"demo_accuracy": (0.0, 0.0, 10)}, model=tiny_hf_dir)
     try:
-        assert report.main([str(tiny_hf_dir), str(tiny_hf_dir), "--out", str(tmp_path / "r"), "--max_new_tokens", "5"]) == 0
+        assert report.main([str(tiny_hf_dir), str(tiny_hf_dir), "--out", str(tmp_path / "r"),
+                            "--max_new_tokens", "5"]) == 0
     finally:
         (tiny_hf_dir / "eval" / "results.json").unlink()
         (tiny_hf_dir / "eval").rmdir()
@@ -252,7 +256,8 @@ def test_prompts_that_are_not_a_list_of_strings_are_an_error(tmp_path, capsys, c
     prompts.write_text(content)
     assert report.main([str(a), "--out", str(tmp_path / "r"), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err
-    assert f"--prompts {prompts}: expected a non-empty JSON list of non-empty prompt strings" in err and "Traceback" not in err
+    assert (f"--prompts {prompts}: expected a non-empty JSON list of non-empty prompt strings" in err
+            and "Traceback" not in err)
     assert not (tmp_path / "r").exists()
 
 

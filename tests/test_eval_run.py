@@ -130,7 +130,8 @@ def test_oracle_on_the_real_pack_when_present(tmp_path, monkeypatch):
         pytest.skip("no real benchmark pack in the default cache (`align benchmarks fetch`)")
     monkeypatch.setenv("ALIGN_HOME", str(REAL_PACK.parent.parent))
     rows = lambda p: [json.loads(line) for line in (REAL_PACK / p).read_text().splitlines()]  # noqa: E731
-    answers = oracle_answers(humaneval=rows("openai_humaneval/test.jsonl")[:10], gsm8k=rows("gsm8k/main/test.jsonl")[:10])
+    answers = oracle_answers(humaneval=rows("openai_humaneval/test.jsonl")[:10],
+                             gsm8k=rows("gsm8k/main/test.jsonl")[:10])
     oracle = get_model("align-oracle")(answers)
     args = run.parse_args(["--model", "unused", "--tasks", "gsm8k", "humaneval", "--limit", "10",
                            "--confirm_run_unsafe_code"])
@@ -409,8 +410,10 @@ def _yaml(path):
 @pytest.mark.parametrize("ours, theirs", [
     ("gsm8k/gsm8k.yaml", "gsm8k/gsm8k.yaml"), ("gsm8k/gsm8k-cot.yaml", "gsm8k/gsm8k-cot.yaml"),
     ("arc/arc_easy.yaml", "arc/arc_easy.yaml"), ("arc/arc_challenge.yaml", "arc/arc_challenge.yaml"),
-    ("lambada/lambada_openai.yaml", "lambada/lambada_openai.yaml"), ("humaneval/humaneval.yaml", "humaneval/humaneval.yaml"),
-    ("mmlu/_default_template_yaml", "mmlu/default/_default_template_yaml"), ("mmlu/_mmlu.yaml", "mmlu/default/_mmlu.yaml"),
+    ("lambada/lambada_openai.yaml", "lambada/lambada_openai.yaml"),
+    ("humaneval/humaneval.yaml", "humaneval/humaneval.yaml"),
+    ("mmlu/_default_template_yaml", "mmlu/default/_default_template_yaml"),
+    ("mmlu/_mmlu.yaml", "mmlu/default/_mmlu.yaml"),
     ("mmlu/mmlu_anatomy.yaml", "mmlu/default/mmlu_anatomy.yaml"),
 ])
 def test_task_yamls_mirror_lm_eval_except_the_data_source(ours, theirs):

@@ -297,7 +297,8 @@ def test_top_k_keeps_the_k_most_likely():
 
 def test_bad_sampling_arguments():
     logits = torch.zeros(1, 4)
-    for kwargs, message in ((dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p")):
+    for kwargs, message in ((dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
+                            (dict(top_p=1.5), "top_p")):
         with pytest.raises(ValueError, match=message):
             sample_next_token(logits, **kwargs)
 

@@ -14,8 +14,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def run_pipeline(out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALIGN_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "align.cli", "pipeline", "--preset", "smoke", "--out", str(out), *extra],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    return subprocess.run([sys.executable, "-m", "align.cli", "pipeline", "--preset", "smoke", "--out", str(out),
+                           *extra], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -385,7 +385,8 @@ def test_resume_on_changed_data_says_so(setup, tiny_tokenizer, tmp_path, monkeyp
     assert run(recipe, tmp_path / "run", *args, "--max_steps", "4", "--resume") == 0
     out = capsys.readouterr().out
     assert "warning: the data changed since this run started" in out and "from step 2 on" in out
-    assert "data digest " in (tmp_path / "run" / "recipe.yaml").read_text().split("changed settings: ")[1].splitlines()[0]
+    changed = (tmp_path / "run" / "recipe.yaml").read_text().split("changed settings: ")[1].splitlines()[0]
+    assert "data digest " in changed
     # the same data prepared in another directory (a moved ALIGN_HOME) is the same data: no warning
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "home2"))
     assert run(recipe, tmp_path / "run", *args, "--max_steps", "6", "--resume") == 0
@@ -398,7 +399,8 @@ def test_resume_on_changed_data_says_so(setup, tiny_tokenizer, tmp_path, monkeyp
     from align.tokenizer import legacy_tokenizer_hash
 
     data_dir = next((tmp_path / "home2" / "data").iterdir())
-    legacy = shards_digest(data_dir, tokenizer_key=legacy_tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "tok")))
+    legacy = shards_digest(data_dir,
+                           tokenizer_key=legacy_tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "tok")))
     assert legacy != shards_digest(data_dir)
     recipe_file = tmp_path / "run" / "recipe.yaml"
     recipe_file.write_text(re.sub(r"(?m)^# data digest: .*$", f"# data digest: {legacy}", recipe_file.read_text()))
@@ -773,8 +775,8 @@ printf '%s\\n' "$@" > {tmp_path}/align_args
         assert job.returncode == 0, out
     args = (tmp_path / "srun_args").read_text().splitlines()
     assert args[args.index("--num_processes") + 1] == "16" and args[args.index("--machine_rank") + 1] == "0"
-    assert args[args.index("scripts/pretrain.py"):] == ["scripts/pretrain.py", "--config", "recipes/llama-1b/pretrain.yaml",
-                                                        "--resume", *extra]
+    assert args[args.index("scripts/pretrain.py"):] == ["scripts/pretrain.py", "--config",
+                                                        "recipes/llama-1b/pretrain.yaml", "--resume", *extra]
     # the data is prepared before the launch, once; the workers get time to save before the launcher kills them
     assert (tmp_path / "align_args").read_text().splitlines() == ["prepare-data", "--config",
                                                                   "recipes/llama-1b/pretrain.yaml", *extra]

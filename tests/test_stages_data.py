@@ -486,14 +486,14 @@ def test_unknown_flags_recipe_keys_and_bad_values_are_named(tmp_path, capsys):
     recipe = ROOT / "recipes" / "smoke" / "sft.yaml"
     smoke = recipe.read_text()
     err = assert_refused(capsys, lambda: sft.main(["--config", str(recipe), "--max_stepz", "2"]),
-                         r"align sft: error: unknown option\(s\) --max_stepz \(did you mean --max_steps for --max_stepz\?\); see "
-                         r"`align sft --help`")
+                         r"align sft: error: unknown option\(s\) --max_stepz \(did you mean --max_steps for "
+                         r"--max_stepz\?\); see `align sft --help`")
     assert "HfArgumentParser" not in err and len(err.strip().splitlines()) == 1
     typo = tmp_path / "typo.yaml"
     typo.write_text(smoke + "max_stepz: 3\nlearning_rat: 0.1\n")
     err = assert_refused(capsys, lambda: sft.main(["--config", str(typo)]),
-                         rf"align sft: error: recipe {typo}: unknown key\(s\) max_stepz, learning_rat \(did you mean max_steps "
-                         r"for max_stepz\?; did you mean learning_rate for learning_rat\?\); check the "
+                         rf"align sft: error: recipe {typo}: unknown key\(s\) max_stepz, learning_rat \(did you mean "
+                         r"max_steps for max_stepz\?; did you mean learning_rate for learning_rat\?\); check the "
                          r"spelling against `align sft --help`")
     assert "fail_with_unknown_args" not in err
     wrong = tmp_path / "wrong.yaml"
