@@ -28,23 +28,20 @@ def uses_chat(model_dir: str | Path) -> bool:
 
 @torch.inference_mode()
 def generate_answers(model_dir: str | Path, prompts: list[str], chat: bool, max_new_tokens: int = 32,
-                     batch_size: int = 64, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """One answer per prompt, greedy (temperature 0) or sampled: through the chat template for aligned models,
-    as plain text for a base model (cut at the first stop string, where lm-eval's demo task would stop it)."""
+                     batch_size: int = 64) -> list[str]:
+    """One greedy answer per prompt: through the chat template for aligned models, as plain text for a base model
+    (cut at the first stop string, where lm-eval's demo task would stop it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              if chat else p for p in prompts]
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
-        "do_sample": False}
-    torch.manual_seed(seed)
     answers = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling,
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for row in out[:, batch["input_ids"].shape[1]:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
