@@ -111,7 +111,7 @@ class DataConfig:
             if getattr(self, name) < 0:
                 raise DataError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_proc < 0:
-            raise DataError(f"num_proc must be >= 0 (0: one per core, at most 8), got {self.num_proc}")
+            raise DataError(f"num_proc must be >= 0 (0: cores - 1, at most 8), got {self.num_proc}")
         if not isinstance(self.data_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.data_name):
             raise DataError(f"data_name must be a plain name (letters, digits, '.', '_', '-'), got {self.data_name!r}; "
                             "it names the cache directory, so set data_dir to put the data elsewhere")
