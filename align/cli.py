@@ -11,7 +11,7 @@ from pathlib import Path
 COMMANDS = {
     "prepare-data": ("align.pretrain:prepare_main", "build the tokenizer and token shards for a pretraining recipe"),
     "pretrain": ("align.pretrain", "pretrain the from-scratch GPT (--config recipes/<preset>/pretrain.yaml)"),
-    "export": ("align.cli", "export a pretraining checkpoint as a Hugging Face directory"),
+    "export": ("align.cli:export_main", "export a pretraining checkpoint as a Hugging Face directory"),
     "sft": ("align.stages.sft", "supervised fine-tuning with TRL's SFTTrainer"),
     "reward": ("align.stages.reward", "train a reward model with TRL's RewardTrainer"),
     "ppo": ("align.stages.ppo", "PPO with TRL's PPOTrainer (trl<1.13)"),
@@ -103,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"align: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command == "export":
-        return export_main(rest)
     module, _, function = COMMANDS[command][0].partition(":")
     return getattr(importlib.import_module(module), function or "main")(rest) or 0
 
