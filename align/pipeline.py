@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from align.recipe import parse_recipe, save_recipe
-from align.runs import LOCK_FILE, WEIGHT_FILES, Terminated, lock_run_dir, read_json, sigterm_unwinds, write_json
+from align.runs import (LOCK_FILE, WEIGHT_FILES, Terminated, lock_run_dir, move_aside, read_json, sigterm_unwinds,
+                        write_json)
 
 STAGES = ("pretrain", "base", "sft", "reward", "ppo", "eval", "report")
 MODELS = ("base", "sft", "ppo")  # evaluated and compared, in this order
@@ -351,8 +352,7 @@ class Pipeline:
         if not d.exists():
             return
         if stage in ("pretrain", "sft", "reward", "ppo"):
-            backup = d.with_name(f"{d.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(d, backup)
+            backup = move_aside(d)
             print(f"[pipeline] {stage}: moved {d} to {backup}")
         else:
             shutil.rmtree(d)

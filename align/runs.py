@@ -98,8 +98,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
         if holds_cwd(path):
             raise FileExistsError(f"output directory {path} is (or holds) the current directory, which --overwrite "
                                   "would move aside under your shell; choose another output directory")
-        backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, backup)
+        backup = move_aside(path)
         print(f"[align] moved the existing {path} to {backup}")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -107,6 +106,17 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
         raise OutputDirError(f"cannot create output directory {path}: {e.strerror} ({e.filename}); choose another "
                              "--output_dir") from None
     return path
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to `<path>.old-<time>` (`-2`, `-3`, ... after it when that name is taken within the second)."""
+    stamp = f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    backup, n = path.with_name(stamp), 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{stamp}-{n}")
+    os.replace(path, backup)
+    return backup
 
 
 def holds_cwd(path: str | Path) -> bool:

@@ -691,6 +691,22 @@ def test_prepare_output_dir_never_moves_the_current_directory(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_overwriting_twice_within_a_second_keeps_both_old_directories(tmp_path, monkeypatch):
+    """The backup name has the time to the second: a second --overwrite then must not fail on (or replace) it."""
+    from align.runs import prepare_output_dir
+
+    monkeypatch.setattr("time.strftime", lambda fmt: "20260101-000000")
+    run = tmp_path / "run"
+    for i in range(3):
+        run.mkdir(exist_ok=True)
+        (run / "log.txt").write_text(f"run {i}")
+        prepare_output_dir(run, overwrite=True)
+    backups = sorted(tmp_path.glob("run.old-*"))
+    assert [b.name for b in backups] == ["run.old-20260101-000000", "run.old-20260101-000000-2",
+                                         "run.old-20260101-000000-3"]
+    assert [(b / "log.txt").read_text() for b in backups] == ["run 0", "run 1", "run 2"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--adam_beta1", "1.5"], "adam_beta1 and adam_beta2 must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
