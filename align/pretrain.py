@@ -421,7 +421,21 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    with accelerator.local_main_process_first():
+    # The local main process prepares the data, then the others find it. Its error is raised on every rank: a rank
+    # left waiting in the barrier would die with a connection traceback instead of the message.
+    failed = None
+    if accelerator.is_local_main_process:
+        try:
+            data_dir = prepare_data(data_cfg, log=log)
+        except DataError as e:
+            failed = e
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        failed = next((e for e in gather_object([failed]) if e is not None), None)
+    if failed is not None:
+        raise failed
+    if not accelerator.is_local_main_process:
         data_dir = prepare_data(data_cfg, log=log)
     tokenizer = load_data_tokenizer(data_dir)
     tok_hash = tokenizer_hash(tokenizer)

@@ -346,6 +346,24 @@ def test_processes_that_prepared_different_data_stop_before_training(setup):
     assert not (out / "train_log.jsonl").exists()
 
 
+def test_data_that_fails_to_prepare_stops_every_process_with_the_message(setup):
+    """The first process prepares the data while the others wait; its error must end them too, not a dropped
+    connection in the barrier (a gloo traceback on the waiting rank)."""
+    tmp, recipe = setup
+    one_doc = tmp / "one_document.txt"
+    one_doc.write_text("a single short document, so the val split is empty\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+         str(ROOT / "scripts" / "pretrain.py"), "--config", str(recipe), "--output_dir", str(tmp / "no_val"),
+         "--sources", str(one_doc), "--data_dir", str(tmp / "no_val_data")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("align pretrain: error: the val split is empty") == 2, proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs: a clear message (exit status 2) that names the field or file, and nothing lost
 
