@@ -3,8 +3,10 @@ rows, a printed and saved count of dropped rows that fails above a threshold; ne
 
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +180,27 @@ def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path, caps
     assert sft_main(tiny_hf_dir, tmp_path / "a", "demo", *common) == 0
     assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "b", "demo", *common, "--demo_seed", "1"),
                    r"holds demo data made with .*use the same demo_\* settings")
+
+
+def test_demo_data_settings_that_disagree_stop_every_process_with_the_message(tiny_hf_dir, tmp_path):
+    """Under 2 processes the main process checks the demo data first while the other waits: its refusal must end
+    the other rank with the same message, not a dropped connection in the barrier."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo.json").write_text(json.dumps({"seed": 1, "n_sft": 16, "n_preference": 8,
+                                                             "n_prompts": 8, "n_heldout": 4, "n_rejected": 2}))
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = str(free.getsockname()[1])
+    free.close()
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", port,
+           str(ROOT / "scripts" / "sft.py"), "--model_name_or_path", str(tiny_hf_dir), "--output_dir",
+           str(tmp_path / "out"), "--dataset_name", "demo", "--data_dir", str(tmp_path / "data"), *FAST]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("align sft: error: ") == 2 and "holds demo data made with" in result.stderr
+    assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

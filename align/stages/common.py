@@ -381,15 +381,16 @@ def ensure_demo_data(data_args, training_args) -> Path:
               "n_rejected": data_args.demo_n_rejected}
     marker = data_dir / "demo.json"
     with PartialState().main_process_first():  # (PPOConfig shadows the world_size main_process_first needs)
-        if marker.is_file():
-            existing = json.loads(marker.read_text())
-            if existing != params:
-                raise DataError(f"{data_dir} holds demo data made with {existing}, but this recipe asks for {params}; "
-                                "use the same demo_* settings in every stage of a run, or another --data_dir")
-        elif PartialState().is_main_process:
+        existing = json.loads(marker.read_text()) if marker.is_file() else None
+        if existing is None and PartialState().is_main_process:
             tasks.write_demo_data(data_dir, **params)
             write_json(marker, params)
             log(f"wrote the demo data to {data_dir} (sft, preferences, prompts, heldout .jsonl)")
+    # Refused after the block, on every rank: raised inside it, the main process would leave the others waiting in
+    # its barrier (they died there with a connection traceback instead of this message).
+    if existing is not None and existing != params:
+        raise DataError(f"{data_dir} holds demo data made with {existing}, but this recipe asks for {params}; "
+                        "use the same demo_* settings in every stage of a run, or another --data_dir")
     return data_dir
 
 
