@@ -581,6 +581,17 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
             print("\n[pretrain] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)",
                   file=sys.stderr)
 
+    def agreed_stop() -> str | None:
+        """The signal every rank stops for now, or None. A signal that arrives after this rank's vote counts at the
+        next vote: acted on alone, this rank would save or stop while the others go on into the next collective."""
+        if world == 1:
+            return stop["signal"]
+        flag = torch.tensor(float(stop["signal"] is not None), device=accelerator.device)
+        if accelerator.reduce(flag, "max").item() == 0:
+            return None
+        stop["signal"] = stop["signal"] or "SIGTERM"  # another rank's
+        return stop["signal"]
+
     stop_signals = (signal.SIGTERM, signal.SIGINT)
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals} if _main_thread() else {}
     recent, last_val, rates, saved_step = [], None, [], -1
@@ -637,17 +648,15 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
                                 step=train_state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-            if world > 1:  # every rank must stop at the same step, whichever got the signal
-                flag = torch.tensor(float(stop["signal"] is not None), device=accelerator.device)
-                if accelerator.reduce(flag, "max").item() > 0:
-                    stop["signal"] = stop["signal"] or "SIGTERM"  # another rank's
-            if train_state.step % cfg.save_steps == 0 or train_state.step == cfg.max_steps or stop["signal"]:
+            stopping = agreed_stop()  # every rank must stop at the same step, whichever got the signal
+            if train_state.step % cfg.save_steps == 0 or train_state.step == cfg.max_steps or stopping:
                 if not weights_finite(model, accelerator):  # a checkpoint is never saved with inf/nan weights
                     raise FloatingPointError(_nonfinite_message(train_state.step, step_loss, norm, lr, output_dir,
                                                                 what="weights after the optimizer step"))
                 ckpt = save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
                 saved_step = train_state.step
-            if stop["signal"]:
+                stopping = stopping or agreed_stop()  # a signal during the save: stop here
+            if stopping:
                 bar.close()
                 log(f"[pretrain] {stop['signal']}: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; "
                     f"continue with the same command and --resume (keeping --max_steps {cfg.max_steps})")

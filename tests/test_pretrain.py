@@ -346,6 +346,39 @@ def test_processes_that_prepared_different_data_stop_before_training(setup):
     assert not (out / "train_log.jsonl").exists()
 
 
+SIGTERM_DURING_A_SAVE = """
+import os, signal, sys
+from align import pretrain
+original = pretrain.save_checkpoint
+def save_checkpoint(accelerator, model, output_dir, step, keep):  # rank 1 alone gets a SIGTERM while it saves
+    if os.environ["RANK"] == "1" and step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(accelerator, model, output_dir, step, keep)
+pretrain.save_checkpoint = save_checkpoint
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_one_process_during_a_save_stops_every_process_there(setup):
+    """The signal came after the step's vote: the rank that got it must not stop alone (the other went on into the
+    next step's collectives and died there with a connection traceback)."""
+    tmp, recipe = setup
+    script = tmp / "sigterm_during_a_save.py"
+    script.write_text(SIGTERM_DURING_A_SAVE)
+    out = tmp / "sigterm_during_a_save"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+         str(script), "--config", str(recipe), "--output_dir", str(out), "--save_steps", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)},
+    )
+    assert "SIGTERM: saved" in proc.stdout and "at step 2 of 12" in proc.stdout, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and proc.stderr.count("exitcode  : 143") == 2, proc.stderr[-3000:]
+    assert [r["step"] for r in log_of(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+
+
 def test_data_that_fails_to_prepare_stops_every_process_with_the_message(setup):
     """The first process prepares the data while the others wait; its error must end them too, not a dropped
     connection in the barrier (a gloo traceback on the waiting rank)."""
