@@ -182,22 +182,28 @@ def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path, caps
                    r"holds demo data made with .*use the same demo_\* settings")
 
 
-def test_demo_data_settings_that_disagree_stop_every_process_with_the_message(tiny_hf_dir, tmp_path):
-    """Under 2 processes the main process checks the demo data first while the other waits: its refusal must end
-    the other rank with the same message, not a dropped connection in the barrier."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "demo.json").write_text(json.dumps({"seed": 1, "n_sft": 16, "n_preference": 8,
-                                                             "n_prompts": 8, "n_heldout": 4, "n_rejected": 2}))
+def sft_two_processes(base, out, *extra):
+    """`align sft` as a 2-process gloo DDP job (recipes/accelerate/cpu_ddp.yaml)."""
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
     port = str(free.getsockname()[1])
     free.close()
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", port,
-           str(ROOT / "scripts" / "sft.py"), "--model_name_or_path", str(tiny_hf_dir), "--output_dir",
-           str(tmp_path / "out"), "--dataset_name", "demo", "--data_dir", str(tmp_path / "data"), *FAST]
+           str(ROOT / "scripts" / "sft.py"), "--model_name_or_path", str(base), "--output_dir", str(out), *FAST,
+           *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_data_settings_that_disagree_stop_every_process_with_the_message(tiny_hf_dir, tmp_path):
+    """Under 2 processes the main process checks the demo data first while the other waits: its refusal must end
+    the other rank with the same message, not a dropped connection in the barrier."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo.json").write_text(json.dumps({"seed": 1, "n_sft": 16, "n_preference": 8,
+                                                             "n_prompts": 8, "n_heldout": 4, "n_rejected": 2}))
+    result = sft_two_processes(tiny_hf_dir, tmp_path / "out", "--dataset_name", "demo", "--data_dir",
+                               str(tmp_path / "data"))
     assert result.returncode != 0
     assert result.stderr.count("align sft: error: ") == 2 and "holds demo data made with" in result.stderr
     assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
@@ -205,6 +211,16 @@ def test_demo_data_settings_that_disagree_stop_every_process_with_the_message(ti
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models, tokenizers, output directories
+
+
+def test_an_output_path_that_is_a_file_stops_every_process_with_the_message(tiny_hf_dir, tmp_path):
+    """The main process creates output_dir while the others wait: its refusal must reach them too."""
+    (tmp_path / "out").write_text("a file, not a directory\n")
+    data = write_jsonl(tmp_path / "sft.jsonl", [GOOD] * 4)
+    result = sft_two_processes(tiny_hf_dir, tmp_path / "out", "--dataset_name", str(data))
+    assert result.returncode != 0
+    assert result.stderr.count("align sft: error: output path") == 2 and "is a file" in result.stderr
+    assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
 
 
 def test_model_directory_missing_or_not_a_causal_lm(tiny_hf_dir, tmp_path, capsys):

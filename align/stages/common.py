@@ -170,11 +170,22 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
                               "move aside under your shell; choose another --output_dir")
     state = PartialState()
     state.wait_for_everyone()
+    # The main process's error (a file in the way, no permission) is raised on every rank: a rank left waiting in
+    # the barrier died there with a connection traceback instead of the message.
+    problem = [None]
     if state.is_main_process:
-        if stopped_at_data:
-            (out / "data_report.json").unlink()
-        prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
-    state.wait_for_everyone()
+        try:
+            if stopped_at_data:
+                (out / "data_report.json").unlink()
+            prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
+        except OSError as e:
+            problem = [e]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise problem[0]
     set_seed(training_args.seed)
     return out
 
