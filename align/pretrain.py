@@ -843,14 +843,16 @@ def prepare_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`align pretrain --config recipes/<preset>/pretrain.yaml [--key value ...]` (also scripts/pretrain.py)."""
+    # An error is one write: the processes of a launch share stderr, and print's two (text, then newline) ran two
+    # ranks' messages together on one line.
     try:
         cfg, data_cfg = parse_recipe((PretrainConfig, DataConfig), argv, prog="align pretrain")
         result = train(cfg, data_cfg)
     except (ConfigError, DataError, FileExistsError, NotADirectoryError, PermissionError, OutputDirError) as e:
-        print(f"align pretrain: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"align pretrain: error: {e}\n")
         return 2
     except (FloatingPointError, MemoryError) as e:
-        print(f"align pretrain: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"align pretrain: error: {e}\n")
         return 1
     except Terminated as e:  # during data preparation; in the loop SIGTERM saves a checkpoint and returns
         print("align pretrain: terminated (SIGTERM) while preparing data; no prepared data was kept", file=sys.stderr)

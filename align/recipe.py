@@ -50,7 +50,7 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, prog: str = "al
     try:
         return _parse(parser, argv)
     except ValueError as e:  # RecipeError, or a ValueError from a config's __post_init__ (TRL, transformers)
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {e}\n")  # one write: under a launch the ranks share stderr
         raise SystemExit(2) from None
 
 

@@ -524,6 +524,19 @@ def test_block_size_larger_than_the_model(setup, capsys):
     assert not (tmp / "bs").exists()
 
 
+def test_an_error_is_written_in_one_piece(setup, monkeypatch):
+    """The ranks of a launch share stderr: a message written in two pieces (print's text, then its newline) ran
+    into the other rank's on one line."""
+    tmp, recipe = setup
+    writes = []
+    monkeypatch.setattr(sys.stderr, "write", writes.append)
+    assert run(recipe, tmp / "bs", "--block_size", "128") == 2
+    with pytest.raises(SystemExit):
+        run(recipe, tmp / "bs", "--max_steps", "abc")  # refused by the recipe parser
+    errors = [w for w in writes if "error:" in w]
+    assert [w.startswith("align pretrain: error: ") and w.endswith("\n") for w in errors] == [True, True], writes
+
+
 def test_existing_output_dir_is_refused_then_moved_aside(setup, capsys):
     tmp, recipe = setup
     out = tmp / "occupied"

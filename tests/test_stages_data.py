@@ -213,6 +213,15 @@ def test_demo_data_settings_that_disagree_stop_every_process_with_the_message(ti
 # Models, tokenizers, output directories
 
 
+def test_a_stage_error_is_written_in_one_piece(tmp_path, monkeypatch):
+    """(print's two writes ran the ranks' messages, sharing stderr under a launch, together on one line)"""
+    writes = []
+    monkeypatch.setattr(sys.stderr, "write", writes.append)
+    assert sft_main(tmp_path / "nope", tmp_path / "out", tmp_path / "sft.jsonl") == 2
+    errors = [w for w in writes if "error:" in w]
+    assert len(errors) == 1 and errors[0].startswith("align sft: error: ") and errors[0].endswith("\n"), writes
+
+
 def test_an_output_path_that_is_a_file_stops_every_process_with_the_message(tiny_hf_dir, tmp_path):
     """The main process creates output_dir while the others wait: its refusal must reach them too."""
     (tmp_path / "out").write_text("a file, not a directory\n")

@@ -52,8 +52,8 @@ def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
     traceback, and the exit status is 2 (a bad recipe or flag ends the program the same way while parsing)."""
     try:
         run(*parse_stage_args(dataclass_types, argv, prog=f"align {stage}"))
-    except USER_ERRORS as e:
-        print(f"align {stage}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # one write: print's two would run the ranks' messages together on one line
+        sys.stderr.write(f"align {stage}: error: {e}\n")
         return 2
     return 0
 
