@@ -512,6 +512,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
                     "nothing left to train; writing the export and metrics again (raise --max_steps to go on)")
         else:
             log(f"[pretrain] --resume: no complete checkpoint in {output_dir / CHECKPOINTS}; starting at step 0")
+        accelerator.wait_for_everyone()  # every rank has read the run's tokenizer before the main one writes it again
         if main:
             truncate_log(log_path, train_state.step)
     if main:

@@ -379,6 +379,52 @@ def test_a_sigterm_to_one_process_during_a_save_stops_every_process_there(setup)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
 
 
+SLOW_RANK_ON_RESUME = """
+import os, sys, time
+from pathlib import Path
+from align import pretrain
+from transformers import PreTrainedTokenizerBase
+out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+marker = out / "rank0-writing-the-tokenizer"
+original_check, original_save = pretrain.check_resumable, PreTrainedTokenizerBase.save_pretrained
+def check_resumable(*args):  # rank 1 is late: it reads the run's tokenizer while rank 0 may be writing it
+    if os.environ["RANK"] == "1":
+        for _ in range(40):
+            if marker.exists():
+                break
+            time.sleep(0.1)
+    return original_check(*args)
+def save_pretrained(self, directory, *args, **kwargs):  # rank 0 writes slowly
+    if os.environ["RANK"] == "0" and Path(directory) == out / "tokenizer":
+        (Path(directory) / "tokenizer.json").write_text("")
+        marker.touch()
+        time.sleep(2)
+    return original_save(self, directory, *args, **kwargs)
+pretrain.check_resumable, PreTrainedTokenizerBase.save_pretrained = check_resumable, save_pretrained
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_the_run_tokenizer_is_read_by_every_rank_before_the_resume_writes_it(setup, reference):
+    """On --resume each rank checks the run's tokenizer; the main process must not rewrite it while another reads."""
+    import shutil
+
+    tmp, recipe = setup
+    script = tmp / "slow_rank_on_resume.py"
+    script.write_text(SLOW_RANK_ON_RESUME)
+    out = tmp / "slow_rank_on_resume"
+    shutil.copytree(reference, out)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+         str(script), "--config", str(recipe), "--output_dir", str(out), "--resume"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing left to train" in proc.stdout
+
+
 def test_data_that_fails_to_prepare_stops_every_process_with_the_message(setup):
     """The first process prepares the data while the others wait; its error must end them too, not a dropped
     connection in the barrier (a gloo traceback on the waiting rank)."""
