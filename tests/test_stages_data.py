@@ -182,6 +182,13 @@ def test_demo_data_settings_must_agree_across_stages(tiny_hf_dir, tmp_path, caps
                    r"holds demo data made with .*use the same demo_\* settings")
 
 
+def test_a_demo_data_dir_that_is_a_file_is_refused(tiny_hf_dir, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.write_text("a file\n")
+    assert_refused(capsys, lambda: sft_main(tiny_hf_dir, tmp_path / "out", "demo", "--data_dir", str(data_dir)),
+                   r"align sft: error: data_dir .*data is a file; give a directory for the demo data")
+
+
 def sft_two_processes(base, out, *extra):
     """`align sft` as a 2-process gloo DDP job (recipes/accelerate/cpu_ddp.yaml)."""
     free = socket.socket()

@@ -391,6 +391,8 @@ def ensure_demo_data(data_args, training_args) -> Path:
               "n_prompts": data_args.demo_n_prompts, "n_heldout": data_args.demo_n_heldout,
               "n_rejected": data_args.demo_n_rejected}
     marker = data_dir / "demo.json"
+    if data_dir.exists() and not data_dir.is_dir():  # on every rank: the main process alone would fail in mkdir
+        raise DataError(f"data_dir {data_dir} is a file; give a directory for the demo data (--data_dir)")
     with PartialState().main_process_first():  # (PPOConfig shadows the world_size main_process_first needs)
         existing = json.loads(marker.read_text()) if marker.is_file() else None
         if existing is None and PartialState().is_main_process:
