@@ -32,9 +32,11 @@ LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 VAL_SEED = 1234
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices use a matmul peak measured at startup.
-GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-                 "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices use a matmul peak measured at startup. The first key
+# found in torch's device name wins ("NVIDIA H100 80GB HBM3", "NVIDIA H200 NVL"), so a variant precedes its family.
+GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "GH200": 989e12, "H100": 989e12,
+                 "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 125e12, "L4": 121e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 @dataclass

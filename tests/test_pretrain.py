@@ -193,6 +193,17 @@ def test_measuring_the_peak_leaves_the_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+])
+def test_bf16_peak_of_a_gpu_is_looked_up_by_the_name_torch_reports(name, peak, monkeypatch):
+    from align.pretrain import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == peak
+
 def test_sigterm_saves_exits_and_resumes(setup, reference, monkeypatch, capsys):
     tmp, recipe = setup
     out = tmp / "terminated"
