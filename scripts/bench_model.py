@@ -23,14 +23,14 @@ from align.pretrain import peak_flops
 
 
 def sync(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":  # also "cuda:1"
         torch.cuda.synchronize()
 
 
 def train_step_fn(model, hf: bool, device, dtype):
-    fused = device == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    kind = torch.device(device).type  # autocast wants "cuda", not "cuda:0"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=kind == "cuda")
+    autocast = torch.autocast(device_type=kind, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(x, y):
         with autocast:
