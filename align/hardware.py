@@ -1,4 +1,4 @@
-"""What the machine has: the device to train on and the precision it supports."""
+"""What the machine has: the device to train on, the precision it supports, the processes of a launch."""
 
 from __future__ import annotations
 
@@ -43,3 +43,14 @@ def unsharded_warning(distributed_type) -> str | None:
             return (f"the accelerate config asks for {asked}, but Accelerate runs CPU processes as "
                     f"{distributed_type.value} (every process holds the whole model; nothing is sharded)")
     return None
+
+
+def raise_on_every_rank(error: Exception | None, num_processes: int) -> None:
+    """Raise the first rank's error on every rank (each passes its own, or None). An error raised on one rank alone
+    leaves the others waiting in the next collective, where they die with a connection traceback, not the message."""
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        error = next((e for e in gather_object([error]) if e is not None), None)
+    if error is not None:
+        raise error

@@ -20,7 +20,7 @@ import torch
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
-from align.hardware import bf16_supported, device_type, unsharded_warning
+from align.hardware import bf16_supported, device_type, raise_on_every_rank, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
@@ -431,12 +431,7 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
             data_dir = prepare_data(data_cfg, log=log)
         except DataError as e:
             failed = e
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        failed = next((e for e in gather_object([failed]) if e is not None), None)
-    if failed is not None:
-        raise failed
+    raise_on_every_rank(failed, world)
     if not accelerator.is_local_main_process:
         data_dir = prepare_data(data_cfg, log=log)
     tokenizer = load_data_tokenizer(data_dir)

@@ -18,7 +18,7 @@ from transformers import TrainerCallback, set_seed
 from align.data import tasks
 from align.data.validate import (DATA_SUFFIXES, DataError, DataReport, Record, dataset_records, enforce,
                                  read_records, validate)
-from align.hardware import bf16_supported, device_type, hardware_defaults, unsharded_warning
+from align.hardware import bf16_supported, device_type, hardware_defaults, raise_on_every_rank, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
 from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
                         truncate_log, write_json)
@@ -172,20 +172,15 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
     state.wait_for_everyone()
     # The main process's error (a file in the way, no permission) is raised on every rank: a rank left waiting in
     # the barrier died there with a connection traceback instead of the message.
-    problem = [None]
+    problem = None
     if state.is_main_process:
         try:
             if stopped_at_data:
                 (out / "data_report.json").unlink()
             prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
         except OSError as e:
-            problem = [e]
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(problem)
-    if problem[0] is not None:
-        raise problem[0]
+            problem = e
+    raise_on_every_rank(problem, state.num_processes)
     set_seed(training_args.seed)
     return out
 
@@ -345,13 +340,18 @@ def require_pad(tokenizer, path: str, stage: str) -> None:
         warnings.warn(f"{stage}: the tokenizer in {path} has no chat template; conversational data will fail")
 
 
+def closed_assistant_turn(tokenizer) -> str | None:
+    """A short chat as the template writes it, ending with an assistant turn (None without a template)."""
+    if not tokenizer.chat_template:
+        return None
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
+
+
 def assistant_turn_ends_with_eos(tokenizer) -> bool:
     """Whether the chat template closes an assistant turn with eos, where the reward model and PPO read the score."""
-    if not tokenizer.chat_template:
-        return True  # nothing to check: plain-text data
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
-    return text.rstrip().endswith(tokenizer.eos_token)
+    text = closed_assistant_turn(tokenizer)
+    return text is None or text.rstrip().endswith(tokenizer.eos_token)  # None: plain-text data, nothing to check
 
 
 def peft_config_for(model_args, added_tokens: list[int] | None = None, task_type: str | None = None,

@@ -20,6 +20,7 @@ from align.stages.common import (
     NonFiniteGuard,
     assistant_turn_ends_with_eos,
     check_model_dir,
+    closed_assistant_turn,
     finish_run,
     fit_model_to_tokenizer,
     load_stage_data,
@@ -148,11 +149,8 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
 
 def text_after_eos(tokenizer) -> bool:
     """Whether the chat template writes more after the eos that closes an assistant turn (Qwen's "<|im_end|>\\n")."""
-    if not tokenizer.chat_template:
-        return False
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
-    return not text.endswith(tokenizer.eos_token) and text.rstrip().endswith(tokenizer.eos_token)
+    text = closed_assistant_turn(tokenizer)
+    return text is not None and not text.endswith(tokenizer.eos_token) and text.rstrip().endswith(tokenizer.eos_token)
 
 
 def ids_cut_at_eos(rows: list[dict], tokenizer) -> list[dict]:
