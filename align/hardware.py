@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+from contextlib import contextmanager
 
 import torch
 
@@ -45,12 +47,30 @@ def unsharded_warning(distributed_type) -> str | None:
     return None
 
 
-def raise_on_every_rank(error: Exception | None, num_processes: int) -> None:
-    """Raise the first rank's error on every rank (each passes its own, or None). An error raised on one rank alone
-    leaves the others waiting in the next collective, where they die with a connection traceback, not the message."""
+@contextmanager
+def failing_together(num_processes: int):
+    """Around work that some ranks do alone (the main process writing files) before all meet again: an Exception
+    raised in the block on any rank is raised on every rank when the block ends, which is where they meet (a
+    collective). A rank raises its own error, the others the first rank's. An error raised on one rank alone would
+    leave the others waiting in the next collective, to die there with a connection traceback, not the message."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - handed on below, on every rank
+        error = e
     if num_processes > 1:
         from accelerate.utils import gather_object
 
-        error = next((e for e in gather_object([error]) if e is not None), None)
+        sent = error if error is None or picklable(error) else RuntimeError(f"{type(error).__name__}: {error}")
+        first = next((e for e in gather_object([sent]) if e is not None), None)
+        error = error if error is not None else first
     if error is not None:
         raise error
+
+
+def picklable(error: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return True
+    except Exception:  # noqa: BLE001 - exceptions whose __init__ takes other arguments than their args
+        return False

@@ -163,7 +163,11 @@ class Pipeline:
                 if interrupts == 1:
                     print("\n[pipeline] Ctrl-C: waiting for the stage to stop (pretraining saves a checkpoint first)",
                           file=sys.stderr, flush=True)
-                elif interrupts >= 3:
+                elif interrupts >= 3:  # the stage's whole tree: torchrun's workers run in sessions of their own
+                    import psutil  # (Accelerate's dependency)
+
+                    for child in psutil.Process(process.pid).children(recursive=True):
+                        child.kill()
                     process.kill()
             except Terminated:  # killing the pipeline alone would leave the stage running on its own: stop it too
                 terminated = True

@@ -20,7 +20,7 @@ import torch
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
-from align.hardware import bf16_supported, device_type, raise_on_every_rank, unsharded_warning
+from align.hardware import bf16_supported, device_type, failing_together, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
@@ -312,37 +312,37 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
 
     root = output_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    if accelerator.is_main_process:
-        for leftover in root.glob(".tmp-step-*"):  # saves cut short (killed); the run's lock keeps others out
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    with failing_together(accelerator.num_processes):
+        if accelerator.is_main_process:
+            for leftover in root.glob(".tmp-step-*"):  # saves cut short (killed); the run's lock keeps others out
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.mkdir(parents=True)
     try:
-        accelerator.save_state(str(tmp))
+        with failing_together(accelerator.num_processes):  # every rank has written its files (its RNG state) or none
+            accelerator.save_state(str(tmp))
     except BaseException:  # a second Ctrl-C, a full disk: no partial copy of the model and optimizer left behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    accelerator.wait_for_everyone()  # every rank has written its own files (its RNG state) before the rename
     full = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         full = accelerator.get_state_dict(model)  # a collective: gathers the sharded weights on the main process
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.save(tmp / CONFIG_FILE)
-        if full is not None or not (tmp / WEIGHTS_FILE).is_file():
-            state = {k: v.detach().cpu().contiguous() for k, v in (full or unwrapped.state_dict()).items()}
-            if unwrapped.config.tie_embeddings:
-                state.pop("lm_head.weight", None)
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
-            os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no step-N behind
-            os.replace(old, root / f".deleting-{old.name}")
-        for leftover in root.glob(".deleting-*"):  # also what an earlier, killed run left
-            shutil.rmtree(leftover, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    with failing_together(accelerator.num_processes):  # a full disk on the main process stops every rank
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.config.save(tmp / CONFIG_FILE)
+            if full is not None or not (tmp / WEIGHTS_FILE).is_file():
+                state = {k: v.detach().cpu().contiguous() for k, v in (full or unwrapped.state_dict()).items()}
+                if unwrapped.config.tie_embeddings:
+                    state.pop("lm_head.weight", None)
+                save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
+                os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no step-N behind
+                os.replace(old, root / f".deleting-{old.name}")
+            for leftover in root.glob(".deleting-*"):  # also what an earlier, killed run left
+                shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
@@ -423,15 +423,10 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    # The local main process prepares the data, then the others find it. Its error is raised on every rank: a rank
-    # left waiting in the barrier would die with a connection traceback instead of the message.
-    failed = None
-    if accelerator.is_local_main_process:
-        try:
+    # The local main process prepares the data, then the others find it.
+    with failing_together(world):
+        if accelerator.is_local_main_process:
             data_dir = prepare_data(data_cfg, log=log)
-        except DataError as e:
-            failed = e
-    raise_on_every_rank(failed, world)
     if not accelerator.is_local_main_process:
         data_dir = prepare_data(data_cfg, log=log)
     tokenizer = load_data_tokenizer(data_dir)
@@ -690,19 +685,19 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
         "runtime_s": round(time.perf_counter() - started, 1),
         "data_dir": str(data_dir),
     }
-    if main:
-        write_json(output_dir / METRICS_FILE, metrics)
-        final_model = load_checkpoint(checkpoint_dirs(output_dir)[-1])
-        extra = {METRICS_FILE: json.dumps(metrics, indent=2) + "\n",
-                 RECIPE_FILE: (output_dir / RECIPE_FILE).read_text()}
-        export(final_model, tokenizer, output_dir / "hf", overwrite=True, extra_files=extra)
-        log(f"[pretrain] done: train_loss {metrics['train_loss']:.4f}, val_loss {last_val:.4f} "
-            f"(ppl {metrics['val_ppl']:.2f}), {train_state.tokens:,} tokens -> {output_dir / 'hf'}")
-        if metrics["mfu"] and metrics["mfu"] > 1 and not cfg.peak_flops:
-            log(f"[pretrain] note: mfu {metrics['mfu']:.0%} is above 100%: the matmul peak measured at the start "
-                f"({peak / 1e9:.0f} GFLOP/s) came out low, as on a machine busy at that moment; pass --peak_flops "
-                "for a fixed reference")
-    accelerator.wait_for_everyone()
+    with failing_together(world):
+        if main:
+            write_json(output_dir / METRICS_FILE, metrics)
+            final_model = load_checkpoint(checkpoint_dirs(output_dir)[-1])
+            extra = {METRICS_FILE: json.dumps(metrics, indent=2) + "\n",
+                     RECIPE_FILE: (output_dir / RECIPE_FILE).read_text()}
+            export(final_model, tokenizer, output_dir / "hf", overwrite=True, extra_files=extra)
+            log(f"[pretrain] done: train_loss {metrics['train_loss']:.4f}, val_loss {last_val:.4f} "
+                f"(ppl {metrics['val_ppl']:.2f}), {train_state.tokens:,} tokens -> {output_dir / 'hf'}")
+            if metrics["mfu"] and metrics["mfu"] > 1 and not cfg.peak_flops:
+                log(f"[pretrain] note: mfu {metrics['mfu']:.0%} is above 100%: the matmul peak measured at the start "
+                    f"({peak / 1e9:.0f} GFLOP/s) came out low, as on a machine busy at that moment; pass --peak_flops "
+                    "for a fixed reference")
     return metrics
 
 

@@ -256,3 +256,49 @@ def test_a_failed_stage_names_its_signal_and_the_command_that_continues(tmp_path
     pipeline.start = None
     with pytest.raises(SystemExit, match=r"failed \(exit 3\); fix the cause and run the same command again"):
         pipeline.run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+STAGE_WITH_A_WORKER = """
+import sys
+from pathlib import Path
+from align.pipeline import Pipeline, PipelineConfig
+stage = (  # a launcher whose worker runs in a session of its own, as torchrun's do, and both ignore Ctrl-C
+    "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "worker = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+    "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)'], start_new_session=True); "
+    "print(worker.pid, flush=True); worker.wait()"
+)
+Pipeline("smoke", Path(sys.argv[1]), PipelineConfig(), None).run([sys.executable, "-c", stage])
+"""
+
+
+def test_a_third_ctrl_c_kills_the_stage_with_its_workers(tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "pipeline_with_a_stage.py"
+    script.write_text(STAGE_WITH_A_WORKER)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = iter(process.stdout.readline, "")
+    next(line for line in lines if line.startswith("[pipeline] $"))
+    worker = int(next(lines))
+    for _ in range(3):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    process.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    try:
+        while alive(worker):
+            assert time.time() < deadline, "the stage's worker outlived its pipeline"
+            time.sleep(0.2)
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -433,6 +433,46 @@ def test_data_that_fails_to_prepare_stops_every_process_with_the_message(setup):
     assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr
 
 
+FULL_DISK_ON_THE_MAIN_PROCESS = """
+import errno, os, sys
+from align import pretrain
+from align.model.config import GPTConfig
+original = GPTConfig.save
+def save(self, path):  # only the main process writes a checkpoint's gpt_config.json; its disk fills at step 4
+    if os.environ["RANK"] == "0" and ".tmp-step-000004" in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return original(self, path)
+GPTConfig.save = save
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_a_main_process_failure_while_saving_stops_every_process_with_the_message(setup):
+    """The main process writes the checkpoint's weights alone while the others wait for it; its error must reach
+    them (they died in the barrier with a connection traceback), and the checkpoint before stays the latest."""
+    tmp, recipe = setup
+    script = tmp / "full_disk.py"
+    script.write_text(FULL_DISK_ON_THE_MAIN_PROCESS)
+    out = tmp / "full_disk"
+    proc = launch_two(script, "--config", recipe, "--output_dir", out, "--save_steps", "2")
+    assert proc.returncode != 0
+    assert proc.stderr.count("OSError: [Errno 28] No space left on device") == 2, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-000002"]
+
+
+def test_an_error_that_cannot_be_sent_to_the_other_ranks_is_sent_as_its_message():
+    from align.hardware import failing_together, picklable
+
+    class TwoArguments(Exception):  # unpickling calls __init__ with args alone: a TypeError on the receiving rank
+        def __init__(self, path, reason):
+            super().__init__(f"{path}: {reason}")
+
+    assert picklable(OSError(28, "No space left on device")) and not picklable(TwoArguments("a", "b"))
+    with pytest.raises(TwoArguments, match="a: b"), failing_together(1):  # one process: raised as it is
+        raise TwoArguments("a", "b")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs: a clear message (exit status 2) that names the field or file, and nothing lost
 

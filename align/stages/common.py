@@ -18,7 +18,7 @@ from transformers import TrainerCallback, set_seed
 from align.data import tasks
 from align.data.validate import (DATA_SUFFIXES, DataError, DataReport, Record, dataset_records, enforce,
                                  read_records, validate)
-from align.hardware import bf16_supported, device_type, hardware_defaults, raise_on_every_rank, unsharded_warning
+from align.hardware import bf16_supported, device_type, failing_together, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
 from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
                         truncate_log, write_json)
@@ -170,17 +170,11 @@ def start_run(training_args, data_args, can_resume: bool = True) -> Path:
                               "move aside under your shell; choose another --output_dir")
     state = PartialState()
     state.wait_for_everyone()
-    # The main process's error (a file in the way, no permission) is raised on every rank: a rank left waiting in
-    # the barrier died there with a connection traceback instead of the message.
-    problem = None
-    if state.is_main_process:
-        try:
+    with failing_together(state.num_processes):  # a file in the way, no permission: the message on every rank
+        if state.is_main_process:
             if stopped_at_data:
                 (out / "data_report.json").unlink()
             prepare_output_dir(out, overwrite=data_args.overwrite, resume=resume is not None)
-        except OSError as e:
-            problem = e
-    raise_on_every_rank(problem, state.num_processes)
     set_seed(training_args.seed)
     return out
 
@@ -657,16 +651,16 @@ def save_model(trainer, model, tokenizer, out: Path, merge_lora: bool) -> None:
     fit_model_to_tokenizer(model.get_base_model() if isinstance(model, PeftModel) else model, tokenizer)
     if sharded:
         trainer.save_model(str(out))  # gathers the sharded weights
-    elif state.is_main_process:
-        model.save_pretrained(out, safe_serialization=True)
-    if state.is_main_process:
-        tokenizer.save_pretrained(out)
-        if not (out / "generation_config.json").is_file():  # a reward model: its special ids, as every output has
-            from transformers import GenerationConfig
+    with failing_together(state.num_processes):  # a full disk on the main process: the message on every rank
+        if state.is_main_process and not sharded:
+            model.save_pretrained(out, safe_serialization=True)
+        if state.is_main_process:
+            tokenizer.save_pretrained(out)
+            if not (out / "generation_config.json").is_file():  # a reward model: its special ids, as every output has
+                from transformers import GenerationConfig
 
-            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
-    state.wait_for_everyone()
+                GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
 
 
 def train_and_evaluate(trainer, training_args) -> dict:

@@ -12,8 +12,9 @@ import torch
 from accelerate import PartialState
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align.data.tasks import extract_answer, is_correct, is_heldout
+from align.data.tasks import extract_answer, is_correct, is_heldout, write_jsonl
 from align.data.validate import full_tokens
+from align.hardware import failing_together
 from align.stages.common import (
     DataArguments,
     JsonlLogger,
@@ -118,22 +119,22 @@ def add_self_negatives(script_args: RewardArguments, training_args, model_args, 
     writes them to <name>_self_negatives.jsonl (which every rank then reads)."""
     from transformers import AutoModelForCausalLM
 
-    path = out / f"{name}_{SELF_NEGATIVES_FILE}"
-    with PartialState().main_process_first():
-        if not path.is_file() and PartialState().is_main_process:
+    path, state = out / f"{name}_{SELF_NEGATIVES_FILE}", PartialState()
+    with failing_together(state.num_processes):
+        if not path.is_file() and state.is_main_process:
             model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs(model_args))
             fit_model_to_tokenizer(model, tokenizer)
-            model.to(PartialState().device)
+            model.to(state.device)
             found = sample_wrong_answers(
                 model, tokenizer, rows, script_args.self_negatives, script_args.self_negative_samples,
                 script_args.self_negative_temperature, script_args.self_negative_max_new_tokens,
                 seed=training_args.seed,
             )
-            with path.open("w") as f:
-                for i, answer in sorted(found.items()):
-                    f.write(json.dumps({"row": i, "prompt": rows[i]["prompt"], "rejected": answer}) + "\n")
+            # (written whole or not at all: a run killed here samples them again when resumed)
+            write_jsonl(path, [{"row": i, "prompt": rows[i]["prompt"], "rejected": answer}
+                               for i, answer in sorted(found.items())])
             del model
-        found = {r["row"]: r["rejected"] for r in map(json.loads, path.read_text().splitlines())}
+    found = {r["row"]: r["rejected"] for r in map(json.loads, path.read_text().splitlines())}
     rows, max_length, too_long = [dict(row) for row in rows], training_args.max_length, 0
     for i, answer in found.items():
         rejected = [{"role": "assistant", "content": answer}] if isinstance(rows[i]["rejected"], list) else answer
