@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -320,25 +321,27 @@ def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int) 
     try:
         with failing_together(accelerator.num_processes):  # every rank has written its files (its RNG state) or none
             accelerator.save_state(str(tmp))
+        full = None
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            full = accelerator.get_state_dict(model)  # a collective: gathers the sharded weights on the main process
+        with failing_together(accelerator.num_processes):  # a full disk on the main process stops every rank
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.config.save(tmp / CONFIG_FILE)
+                if full is not None or not (tmp / WEIGHTS_FILE).is_file():
+                    state = {k: v.detach().cpu().contiguous() for k, v in (full or unwrapped.state_dict()).items()}
+                    if unwrapped.config.tie_embeddings:
+                        state.pop("lm_head.weight", None)
+                    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+                if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
+                    os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+                os.replace(tmp, final)
     except BaseException:  # a second Ctrl-C, a full disk: no partial copy of the model and optimizer left behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    full = None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        full = accelerator.get_state_dict(model)  # a collective: gathers the sharded weights on the main process
-    with failing_together(accelerator.num_processes):  # a full disk on the main process stops every rank
+    with failing_together(accelerator.num_processes):
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.config.save(tmp / CONFIG_FILE)
-            if full is not None or not (tmp / WEIGHTS_FILE).is_file():
-                state = {k: v.detach().cpu().contiguous() for k, v in (full or unwrapped.state_dict()).items()}
-                if unwrapped.config.tie_embeddings:
-                    state.pop("lm_head.weight", None)
-                save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            if final.exists():  # a damaged one the resume passed over (or a run past the end): kept, not deleted
-                os.replace(final, final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
-            os.replace(tmp, final)
             for old in checkpoint_dirs(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no step-N behind
                 os.replace(old, root / f".deleting-{old.name}")
             for leftover in root.glob(".deleting-*"):  # also what an earlier, killed run left
@@ -846,6 +849,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FloatingPointError, MemoryError) as e:
         sys.stderr.write(f"align pretrain: error: {e}\n")
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.stderr.write(f"align pretrain: error: {e}; a checkpoint cut short is removed and the ones before are "
+                         "kept: free some space, then run the same command with --resume\n")
         return 1
     except Terminated as e:  # during data preparation; in the loop SIGTERM saves a checkpoint and returns
         print("align pretrain: terminated (SIGTERM) while preparing data; no prepared data was kept", file=sys.stderr)
