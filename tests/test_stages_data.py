@@ -623,7 +623,7 @@ def test_a_misspelt_dpo_loss_type_is_refused_before_anything_loads(tmp_path, cap
     assert not (tmp_path / "d").exists()
 
 
-def test_a_dataset_saved_with_save_to_disk(tmp_path):
+def test_a_dataset_saved_with_save_to_disk(tmp_path, capsys):
     """What an online machine saved with save_to_disk (a DatasetDict or one Dataset) reads offline like a hub
     dataset: the named splits; a missing split or a split asked of one Dataset is a clear error."""
     import datasets
@@ -637,9 +637,10 @@ def test_a_dataset_saved_with_save_to_disk(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
     training_args = type("T", (), {"output_dir": str(tmp_path / "o")})()
     args = DataArguments(dataset_name=str(tmp_path / "dict"), dataset_train_split="train_sft",
-                         dataset_test_split="test_sft")
+                         dataset_test_split="test_sft", eval_fraction=0.5)
     train, evaluation = load_stage_data(args, training_args, "sft", tmp_path)
     assert (len(train), len(evaluation)) == (6, 2) and train[0] == {k: rows[0][k] for k in ("prompt", "completion")}
+    assert "eval_fraction=0.5 is not used: the eval set is the test split" in capsys.readouterr().out
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert report["train"]["source"] == f"{tmp_path / 'dict'}[train_sft]"
     train, evaluation = load_stage_data(DataArguments(dataset_name=str(tmp_path / "one")), training_args, "sft",

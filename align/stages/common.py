@@ -539,6 +539,9 @@ def load_stage_data(data_args, training_args, kind: str, out: Path, tokenizer=No
     reports: dict[str, DataReport] = {"train": train_report}
     if eval_records is not None:
         evaluation, reports["eval"] = validate(eval_records, kind, f"{source} (eval)", tokenizer=tokenizer, **checks)
+        if data_args.eval_fraction > 0:  # a recipe's default, with a test split given on the command line
+            log(f"eval_fraction={data_args.eval_fraction} is not used: the eval set is the test split (every "
+                "training row is trained on)")
     else:
         train, evaluation = split_eval(train, data_args.eval_fraction)
     state = PartialState()
