@@ -1,6 +1,7 @@
 """Shared fixtures: a small trained tokenizer and a tiny exported HF checkpoint, built once per test session."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -72,3 +73,10 @@ def foreign_gpt2(out, corpus: list[str], special_tokens=(), **tokens):
                     ).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A free port for a launch: other jobs on the machine may hold the default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

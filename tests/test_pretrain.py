@@ -5,13 +5,13 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from align.data.shards import BatchLoader
@@ -48,13 +48,6 @@ save_steps: 4
 save_total_limit: 5
 """)
     return tmp, recipe
-
-
-def free_port() -> int:
-    """A free port for a launch: other jobs on the machine may hold the default 29500."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(recipe, out, *extra):
