@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +340,108 @@ def test_two_process_launch(stage, tiny_hf_dir, sft_dir, reward_dir, run_dir):
         assert metrics["eval_pairs"] == json.loads((out / "data_report.json").read_text())["rows"]["eval"]
     else:
         AutoModelForCausalLM.from_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGTERM (`kill`, a Slurm preemption): the step finishes, checkpoint-N is saved, exit 143; --resume_from_checkpoint
+# true continues
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from trl import SFTTrainer
+
+    def args(out):
+        return sft_args(tiny_hf_dir, out, tmp_path / "data") + ["--max_steps", "4", "--warmup_steps", "0"]
+
+    original = SFTTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == 1 and not training_step.sent:
+            training_step.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2: the step finishes, then it saves
+        return original(self, *args, **kwargs)
+
+    training_step.sent = False
+    monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+    out = tmp_path / "sft"
+    before = signal.getsignal(signal.SIGTERM)
+    assert sft.main(args(out)) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+    assert (f"SIGTERM: saved {out / 'checkpoint-2'} at step 2 of 4; continue with the same command and "
+            "--resume_from_checkpoint true") in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()  # not finished
+    monkeypatch.setattr(SFTTrainer, "training_step", original)
+    assert sft.main(args(out) + ["--resume_from_checkpoint", "true"]) == 0
+    metrics = read_metrics(out)
+    assert metrics["resumed_from_step"] == 2 and metrics["step"] == 4 and "eval_loss" in metrics
+    assert_generates(out)
+    assert sft.main(args(tmp_path / "uninterrupted")) == 0
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "sft_log.jsonl").read_text().splitlines())
+               if "loss" in r] for d in (out, tmp_path / "uninterrupted")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # the steps after the checkpoint run as they would have
+
+
+def test_a_sigterm_during_a_periodic_save_stops_at_that_checkpoint(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """The signal came after the step's vote: the run stops at the checkpoint being written, not one step and one
+    save later; save_total_limit counts the checkpoints as usual."""
+    from trl import SFTTrainer
+
+    original = SFTTrainer._save_checkpoint
+
+    def _save_checkpoint(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "_save_checkpoint", _save_checkpoint)
+    out = tmp_path / "sft"
+    assert sft.main(sft_args(tiny_hf_dir, out, tmp_path / "data") + [
+        "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1"]) == 143
+    assert f"SIGTERM: saved {out / 'checkpoint-2'} at step 2 of 4" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_ppo_stops_on_sigterm_with_a_message_and_no_model(sft_dir, reward_dir, run_dir, monkeypatch, capsys):
+    """trl's PPOTrainer cannot resume, so there is nothing to save: it stops at once and says so."""
+    original = ppo.PPOMonitor.on_log
+
+    def on_log(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # once step 1 is logged
+
+    monkeypatch.setattr(ppo.PPOMonitor, "on_log", on_log)
+    out = run_dir / "ppo-terminated"
+    before = signal.getsignal(signal.SIGTERM)
+    assert ppo.main(ppo_args(sft_dir, reward_dir, out, run_dir / "data")) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert ("align ppo: terminated (SIGTERM) after step 1 of 2; no model was saved, and PPO cannot resume: start "
+            "again with --overwrite true") in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+SIGTERM_TO_RANK_1 = """
+import os, signal, sys
+from trl import SFTTrainer
+from align.stages import sft
+original = SFTTrainer.training_step
+def training_step(self, *args, **kwargs):  # rank 1 alone gets a SIGTERM, during step 2
+    if os.environ["RANK"] == "1" and self.state.global_step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, *args, **kwargs)
+SFTTrainer.training_step = training_step
+sys.exit(sft.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_hf_dir, tmp_path):
+    script = tmp_path / "sigterm_to_rank_1.py"
+    script.write_text(SIGTERM_TO_RANK_1)
+    out = tmp_path / "ddp-sft"
+    result = launch(script, sft_args(tiny_hf_dir, out, tmp_path / "data") + ["--max_steps", "4"], check=False)
+    assert f"SIGTERM: saved {out / 'checkpoint-2'} at step 2 of 4" in result.stdout, result.stderr[-3000:]
+    # Both stop there with 143; the one still exiting when the other has gone may be ended by torchrun (-15)
+    exits = result.stderr.count("exitcode  : 143") + result.stderr.count("exitcode  : -15")
+    assert "Connection closed" not in result.stderr and exits == 2, result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()

@@ -6,7 +6,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,8 @@ from align.data.validate import (DATA_SUFFIXES, DataError, DataReport, Record, d
                                  read_records, validate)
 from align.hardware import bf16_supported, device_type, failing_together, hardware_defaults, unsharded_warning
 from align.recipe import parse_recipe, save_recipe
-from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, check_output_path, holds_cwd, prepare_output_dir,
-                        truncate_log, write_json)
+from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, Terminated, check_output_path, holds_cwd,
+                        prepare_output_dir, truncate_log, write_json)
 
 DEMO = "demo"
 
@@ -55,6 +57,8 @@ def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
     except USER_ERRORS as e:  # one write: print's two would run the ranks' messages together on one line
         sys.stderr.write(f"align {stage}: error: {e}\n")
         return 2
+    except Terminated as e:  # SIGTERM: the checkpoint was saved and named (or, for PPO, the loss of the run said)
+        return e.code
     return 0
 
 
@@ -636,6 +640,41 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
 
+class SaveOnSigterm(TrainerCallback):
+    """SIGTERM (`kill`, scancel, a Slurm preemption) during trainer.train(): the current optimizer step finishes, a
+    checkpoint-N is saved in output_dir and training stops; `train_and_evaluate` then exits 143. Under several
+    processes every step ends with a vote (an all-reduce of the flag), so that every rank saves at the same step
+    whichever got the signal: a rank acting alone would leave the others waiting in the next collective."""
+
+    def __init__(self):
+        self.signalled = False  # this process got SIGTERM
+        self.stopped = False  # every process agreed to stop: the checkpoint of this step is saved
+
+    def on_signal(self, _signum, _frame):
+        self.signalled = True
+
+    def agreed(self) -> bool:
+        state = PartialState()
+        if state.num_processes == 1:
+            return self.signalled
+        from accelerate.utils import reduce
+
+        return reduce(torch.tensor(float(self.signalled), device=state.device), "max").item() > 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed():  # after DefaultFlowCallback's decisions, so these win
+            self.stopped = control.should_save = control.should_training_stop = True
+            control.should_evaluate = False  # save first: the time left before a SIGKILL may be short
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.stopped and self.agreed():  # a signal during a save_steps save: that checkpoint is the one
+            self.stopped = control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped:  # an epoch strategy would evaluate, and save the same checkpoint again
+            control.should_evaluate = control.should_save = False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -679,7 +718,22 @@ def train_and_evaluate(trainer, training_args) -> dict:
         checkpoint = Path(get_last_checkpoint(training_args.output_dir) if resume is True else resume)
         if (checkpoint / "trainer_state.json").is_file():
             resumed_from = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
-    summary = trainer.train(resume_from_checkpoint=resume).metrics
+    stop = SaveOnSigterm()
+    trainer.add_callback(stop)
+    main_thread = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, stop.on_signal) if main_thread else None
+    try:
+        summary = trainer.train(resume_from_checkpoint=resume).metrics
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if stop.stopped:  # not evaluated, and no model or metrics.json written: the run has not finished
+        checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        log(f"SIGTERM: saved {checkpoint} at step {trainer.state.global_step} of {trainer.state.max_steps}; continue "
+            "with the same command and --resume_from_checkpoint true")
+        # Every rank has written its share (rank 0 the most): the first to exit makes the launcher end the others
+        PartialState().wait_for_everyone()
+        raise Terminated
     if resumed_from is not None:
         summary["resumed_from_step"] = resumed_from
     steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not

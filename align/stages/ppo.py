@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from align.data.validate import prompt_ids
 from align.hardware import unsharded_warning
+from align.runs import Terminated, sigterm_unwinds
 from align.stages.common import (
     JsonlLogger,
     NonFiniteGuard,
@@ -208,7 +210,14 @@ def run(script_args: PPOArguments, training_args: PPOConfig, model_args: ModelCo
     start = time.time()
     if unsharded := unsharded_warning(trainer.accelerator.distributed_type):
         log(f"warning: {unsharded}")
-    trainer.train()
+    try:
+        with sigterm_unwinds():  # nothing to save: a checkpoint of trl's PPOTrainer cannot be resumed
+            trainer.train()
+    except Terminated:  # written by each process that got the signal: the others may only see it end
+        sys.stderr.write(f"align ppo: terminated (SIGTERM) after step {trainer.state.global_step} of "
+                         f"{trainer.state.max_steps}; no model was saved, and PPO cannot resume: start again with "
+                         "--overwrite true\n")
+        raise
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     metrics.update({
         "train_runtime": time.time() - start,
