@@ -187,10 +187,15 @@ class Pipeline:
         d = self.dir(stage)
         resume = []
         if d.exists() and any(d.iterdir()):
-            # An unfinished run: pretraining continues from its last checkpoint; TRL stages start again, their
-            # partial output kept aside as <dir>.old-<time>.
-            has_checkpoint = stage == "pretrain" and any((d / "checkpoints").glob("step-*"))
-            resume = ["--resume", "true"] if has_checkpoint else ["--overwrite", "true"]
+            # An unfinished run continues from its last checkpoint (pretraining's, or a TRL stage's checkpoint-N,
+            # saved every save_steps and on SIGTERM); PPO, which cannot resume, and a run without a checkpoint start
+            # again, their partial output kept aside as <dir>.old-<time>.
+            if stage == "pretrain" and any((d / "checkpoints").glob("step-*")):
+                resume = ["--resume", "true"]
+            elif stage != "ppo" and any(d.glob("checkpoint-*")):
+                resume = ["--resume_from_checkpoint", "true"]
+            else:
+                resume = ["--overwrite", "true"]
         self.run(self.command(stage, "--config", str(recipe), "--output_dir", str(d), *args, *resume))
 
     def stage_pretrain(self):
@@ -413,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             Pipeline(args.preset, out, config, args.accelerate_config)(args.start, args.end)
     except (KeyboardInterrupt, Terminated) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        print(f"align pipeline: {what}; the same command continues (finished stages are skipped, pretraining "
-              "resumes from its last checkpoint)", file=sys.stderr)
+        print(f"align pipeline: {what}; the same command continues (finished stages are skipped, pretraining, SFT "
+              "and the reward model resume from their last checkpoint)", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     save_recipe(out, config, notes={"preset": args.preset})
     return 0

@@ -302,3 +302,20 @@ def test_a_third_ctrl_c_kills_the_stage_with_its_workers(tmp_path):
     finally:
         if alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_an_unfinished_stage_continues_from_its_checkpoint_where_it_can(tmp_path, monkeypatch):
+    """A stage stopped by SIGTERM left checkpoint-N: SFT and the reward model resume from it; PPO, which cannot
+    resume, and a stage without a checkpoint start again (the old directory moved aside by --overwrite)."""
+    from align.pipeline import Pipeline, PipelineConfig
+
+    pipeline = Pipeline("smoke", tmp_path, PipelineConfig(), None)
+    commands = []
+    monkeypatch.setattr(pipeline, "run", commands.append)
+    for stage in ("sft", "reward", "ppo"):
+        (tmp_path / stage / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "train_log.jsonl").write_text("")
+    for stage in ("sft", "reward", "ppo", "pretrain"):
+        pipeline.train_stage(stage)
+    assert [cmd[-2:] for cmd in commands] == [["--resume_from_checkpoint", "true"]] * 2 + [["--overwrite", "true"]] * 2
