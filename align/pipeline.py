@@ -102,6 +102,19 @@ class Pipeline:
         candidate = Path(data_dir) / "val.jsonl" if data_dir else None
         return candidate if candidate and candidate.is_file() else None
 
+    def checkpoints(self, stage: str) -> list[Path]:
+        """What an unfinished stage can continue from: pretraining's step-N, a TRL stage's checkpoint-N (PPO's trainer
+        cannot resume)."""
+        d = self.dir(stage)
+        if stage == "pretrain":
+            return list((d / "checkpoints").glob("step-*"))
+        return list(d.glob("checkpoint-*")) if stage in ("sft", "reward") else []
+
+    def checkpoints_before(self, stage: str, upstream_finished: float) -> bool:
+        """Whether an unfinished stage holds checkpoints from before an earlier stage was last rebuilt (redone
+        outside the pipeline): they continue a model that is no longer the one upstream."""
+        return any(c.stat().st_mtime < upstream_finished for c in self.checkpoints(stage))
+
     def complete(self, stage: str) -> bool:
         d = self.dir(stage)
         if stage == "pretrain":
@@ -190,12 +203,10 @@ class Pipeline:
             # An unfinished run continues from its last checkpoint (pretraining's, or a TRL stage's checkpoint-N,
             # saved every save_steps and on SIGTERM); PPO, which cannot resume, and a run without a checkpoint start
             # again, their partial output kept aside as <dir>.old-<time>.
-            if stage == "pretrain" and any((d / "checkpoints").glob("step-*")):
-                resume = ["--resume", "true"]
-            elif stage != "ppo" and any(d.glob("checkpoint-*")):
-                resume = ["--resume_from_checkpoint", "true"]
-            else:
+            if not self.checkpoints(stage):
                 resume = ["--overwrite", "true"]
+            else:
+                resume = ["--resume" if stage == "pretrain" else "--resume_from_checkpoint", "true"]
         self.run(self.command(stage, "--config", str(recipe), "--output_dir", str(d), *args, *resume))
 
     def stage_pretrain(self):
@@ -327,6 +338,10 @@ class Pipeline:
                 # Complete, but built from an older version of an earlier stage (rerun with --from/--to or
                 # interrupted): a report must never mix models.
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: older than the stages before it, running it again")
+                self.clear(stage)
+            elif not self.complete(stage) and self.checkpoints_before(stage, upstream_finished):
+                print(f"[pipeline] {i}/{len(STAGES)} {stage}: its checkpoints are older than the stages before it, "
+                      "starting it again")
                 self.clear(stage)
             elif stage == "eval" and self.complete(stage) and (changed := self.changed_settings()):
                 print(f"[pipeline] {i}/{len(STAGES)} {stage}: {', '.join(changed)} changed since it was built, "

@@ -319,3 +319,24 @@ def test_an_unfinished_stage_continues_from_its_checkpoint_where_it_can(tmp_path
     for stage in ("sft", "reward", "ppo", "pretrain"):
         pipeline.train_stage(stage)
     assert [cmd[-2:] for cmd in commands] == [["--resume_from_checkpoint", "true"]] * 2 + [["--overwrite", "true"]] * 2
+
+
+def test_an_unfinished_stage_is_not_continued_from_checkpoints_older_than_its_upstream(tmp_path, monkeypatch):
+    """SFT stopped with a checkpoint, then the base model was rebuilt: the checkpoint continues the old model, so the
+    stage starts again (moved aside) instead of resuming from it."""
+    import time
+
+    from align.pipeline import Pipeline, PipelineConfig
+
+    for stale in (True, False):
+        out = tmp_path / str(stale)
+        (out / "sft" / "checkpoint-3").mkdir(parents=True)
+        pipeline = Pipeline("smoke", out, PipelineConfig(), None)
+        pipeline.finished = {"pretrain": 1.0, "base": time.time() + (1 if stale else -1)}
+        monkeypatch.setattr(pipeline, "complete", lambda stage: stage in ("pretrain", "base"))
+        commands = []
+        monkeypatch.setattr(pipeline, "run", commands.append)
+        pipeline(None, "sft")
+        assert ("--resume_from_checkpoint" in commands[0]) != stale
+        assert (out / "sft" / "checkpoint-3").exists() != stale  # moved aside, not deleted:
+        assert [p.name for p in out.glob("sft.old-*/checkpoint-3")] == (["checkpoint-3"] if stale else [])
