@@ -377,9 +377,11 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tiny_hf_dir, tmp
     assert metrics["resumed_from_step"] == 2 and metrics["step"] == 4 and "eval_loss" in metrics
     assert_generates(out)
     assert sft.main(args(tmp_path / "uninterrupted")) == 0
-    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "sft_log.jsonl").read_text().splitlines())
-               if "loss" in r] for d in (out, tmp_path / "uninterrupted")]
+    logs = [list(map(json.loads, (d / "sft_log.jsonl").read_text().splitlines()))
+            for d in (out, tmp_path / "uninterrupted")]
+    losses = [[(r["step"], r["loss"]) for r in log if "loss" in r] for log in logs]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # the steps after the checkpoint run as they would have
+    assert [sorted(r) for r in logs[0]] == [sorted(r) for r in logs[1]]  # and log no more rows than it did
 
 
 def test_a_sigterm_during_a_periodic_save_stops_at_that_checkpoint(tiny_hf_dir, tmp_path, monkeypatch, capsys):

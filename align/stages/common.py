@@ -634,7 +634,9 @@ class JsonlLogger(TrainerCallback):
             truncate_log(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        # (not transformers' end-of-train summary, which metrics.json holds: a run stopped by SIGTERM and resumed
+        # would log two, a two-point "curve" of train_loss in the report)
+        if state.is_world_process_zero and logs and "train_runtime" not in logs:
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
