@@ -174,8 +174,8 @@ class Pipeline:
             except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the stage too: let it save and stop
                 interrupts += 1
                 if interrupts == 1:
-                    print("\n[pipeline] Ctrl-C: waiting for the stage to stop (pretraining saves a checkpoint first)",
-                          file=sys.stderr, flush=True)
+                    print("\n[pipeline] Ctrl-C: waiting for the stage to stop (pretraining, SFT and the reward model "
+                          "save a checkpoint first)", file=sys.stderr, flush=True)
                 elif interrupts >= 3:  # the stage's whole tree: torchrun's workers run in sessions of their own
                     import psutil  # (Accelerate's dependency)
 

@@ -44,10 +44,11 @@ def lock_run_dir(path: str | Path):
 
 class Terminated(SystemExit):
     """SIGTERM (`kill`, scancel, a Slurm time limit) inside `sigterm_unwinds`; exits with 143 once `finally` clauses
-    have run (the signal's default action ends the process on the spot: half-written files stay, children run on)."""
+    have run (the signal's default action ends the process on the spot: half-written files stay, children run on).
+    A stage stopped by a first Ctrl-C after saving ends with it too, as 130."""
 
-    def __init__(self):
-        super().__init__(128 + signal.SIGTERM)
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(128 + signum)
 
 
 @contextmanager

@@ -404,6 +404,33 @@ def test_a_sigterm_during_a_periodic_save_stops_at_that_checkpoint(tiny_hf_dir, 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_stops_at_once(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from trl import SFTTrainer
+
+    original = SFTTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            for _ in range(training_step.presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", training_step)
+    before = signal.getsignal(signal.SIGINT)
+    for presses, status in ((1, 130), (2, 130)):
+        training_step.presses, out = presses, tmp_path / f"sft-{presses}"
+        assert sft.main(sft_args(tiny_hf_dir, out, tmp_path / "data") + ["--max_steps", "4"]) == status
+        assert signal.getsignal(signal.SIGINT) is before
+        captured = capsys.readouterr()
+        assert "Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)" in captured.err
+        saved = sorted(p.name for p in out.glob("checkpoint-*"))
+        if presses == 1:
+            assert f"Ctrl-C: saved {out / 'checkpoint-2'} at step 2 of 4" in captured.out and saved == ["checkpoint-2"]
+        else:
+            assert "align sft: interrupted; what was not saved in a checkpoint-N is lost" in captured.err
+            assert saved == [] and not (out / "metrics.json").exists()
+
+
 def test_ppo_stops_on_sigterm_with_a_message_and_no_model(sft_dir, reward_dir, run_dir, monkeypatch, capsys):
     """trl's PPOTrainer cannot resume, so there is nothing to save: it stops at once and says so."""
     original = ppo.PPOMonitor.on_log

@@ -57,8 +57,11 @@ def stage_main(stage: str, run, dataclass_types, argv: list[str] | None) -> int:
     except USER_ERRORS as e:  # one write: print's two would run the ranks' messages together on one line
         sys.stderr.write(f"align {stage}: error: {e}\n")
         return 2
-    except Terminated as e:  # SIGTERM: the checkpoint was saved and named (or, for PPO, the loss of the run said)
+    except Terminated as e:  # SIGTERM or Ctrl-C: the checkpoint was saved and named (for PPO, the loss said)
         return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        sys.stderr.write(f"align {stage}: interrupted; what was not saved in a checkpoint-N is lost\n")
+        return 130
     return 0
 
 
@@ -642,26 +645,34 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
 
-class SaveOnSigterm(TrainerCallback):
-    """SIGTERM (`kill`, scancel, a Slurm preemption) during trainer.train(): the current optimizer step finishes, a
-    checkpoint-N is saved in output_dir and training stops; `train_and_evaluate` then exits 143. Under several
-    processes every step ends with a vote (an all-reduce of the flag), so that every rank saves at the same step
-    whichever got the signal: a rank acting alone would leave the others waiting in the next collective."""
+class SaveOnSignal(TrainerCallback):
+    """SIGTERM (`kill`, scancel, a Slurm preemption) or a first Ctrl-C during trainer.train(): the current optimizer
+    step finishes, a checkpoint-N is saved in output_dir and training stops; `train_and_evaluate` then exits 143 or
+    130. A second Ctrl-C stops at once. Under several processes every step ends with a vote (an all-reduce of the
+    flag), so that every rank saves at the same step whichever got the signal: a rank acting alone would leave the
+    others waiting in the next collective."""
 
     def __init__(self):
-        self.signalled = False  # this process got SIGTERM
+        self.signal = None  # the signal this process got (SIGTERM or SIGINT), or another rank's once agreed
         self.stopped = False  # every process agreed to stop: the checkpoint of this step is saved
 
-    def on_signal(self, _signum, _frame):
-        self.signalled = True
+    def on_signal(self, signum, _frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        if signum == signal.SIGINT and PartialState().is_main_process:
+            sys.stderr.write("\n[align] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)\n")
 
     def agreed(self) -> bool:
         state = PartialState()
         if state.num_processes == 1:
-            return self.signalled
+            return self.signal is not None
         from accelerate.utils import reduce
 
-        return reduce(torch.tensor(float(self.signalled), device=state.device), "max").item() > 0
+        if reduce(torch.tensor(float(self.signal is not None), device=state.device), "max").item() == 0:
+            return False
+        self.signal = self.signal or signal.SIGTERM  # another rank's
+        return True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.agreed():  # after DefaultFlowCallback's decisions, so these win
@@ -720,22 +731,24 @@ def train_and_evaluate(trainer, training_args) -> dict:
         checkpoint = Path(get_last_checkpoint(training_args.output_dir) if resume is True else resume)
         if (checkpoint / "trainer_state.json").is_file():
             resumed_from = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
-    stop = SaveOnSigterm()
+    stop = SaveOnSignal()
     trainer.add_callback(stop)
     main_thread = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = signal.signal(signal.SIGTERM, stop.on_signal) if main_thread else None
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, stop.on_signal) for sig in stop_signals} if main_thread else {}
     try:
         summary = trainer.train(resume_from_checkpoint=resume).metrics
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if stop.stopped:  # not evaluated, and no model or metrics.json written: the run has not finished
         checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        log(f"SIGTERM: saved {checkpoint} at step {trainer.state.global_step} of {trainer.state.max_steps}; continue "
+        what = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
+        log(f"{what}: saved {checkpoint} at step {trainer.state.global_step} of {trainer.state.max_steps}; continue "
             "with the same command and --resume_from_checkpoint true")
         # Every rank has written its share (rank 0 the most): the first to exit makes the launcher end the others
         PartialState().wait_for_everyone()
-        raise Terminated
+        raise Terminated(stop.signal)
     if resumed_from is not None:
         summary["resumed_from_step"] = resumed_from
     steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not
