@@ -466,3 +466,18 @@ metric_list:
     for where, message in ((tmp_path / "none", "no such directory"), (tmp_path / "empty", "no lm-eval task YAML")):
         assert run_eval(["--model", str(tiny_hf_dir), "--include_path", str(where), "--tasks", "x"], tmp_path)[0] == 2
         assert message in capsys.readouterr().err
+
+
+def test_every_mmlu_task_and_group_has_the_chance_level_of_four_choices():
+    from align.evaluation.tasks import summarise
+
+    results = {"results": {"mmlu_stem": {"acc,none": 0.3, "acc_stderr,none": 0.02, "alias": "stem"},
+                           "mmlu_anatomy": {"acc,none": 0.2, "acc_stderr,none": 0.05, "alias": "anatomy"},
+                           "wikitext": {"word_perplexity,none": 90.0, "alias": "wikitext"}},
+               "group_subtasks": {"mmlu_stem": ["mmlu_anatomy"]}, "n-samples": {"mmlu_anatomy": {"effective": 10}}}
+    rows = {r["metric"]: r for r in summarise(results)}
+    assert set(rows) == {"mmlu_stem_acc", "wikitext_word_perplexity"}  # the group's number, not its subtask's
+    assert rows["mmlu_stem_acc"]["chance"] == 0.25 and rows["mmlu_stem_acc"]["n"] == 10
+    assert rows["wikitext_word_perplexity"]["chance"] is None
+    del results["group_subtasks"], results["results"]["mmlu_stem"]
+    assert {r["metric"]: r["chance"] for r in summarise(results)}["mmlu_anatomy_acc"] == 0.25

@@ -44,6 +44,13 @@ CHANCE = {"mmlu_acc": 0.25, "arc_easy_acc": 0.25, "arc_easy_acc_norm": 0.25, "ar
 PERPLEXITIES = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
+def chance_level(task: str, metric: str, name: str) -> float | None:
+    """A headline metric's chance level; every MMLU task and group (mmlu_stem, mmlu_anatomy, ...) has 4 choices."""
+    if name in CHANCE:
+        return CHANCE[name]
+    return 0.25 if task.startswith("mmlu") and metric in ("acc", "acc_norm") else None
+
+
 class EvalError(ValueError):
     """A problem the user can fix: unknown task, missing file or pack, unloadable model."""
 
@@ -270,7 +277,8 @@ def summarise(results: dict, samples: dict | None = None, order: list[str] | Non
                 stderr = _perplexity_stderr(metric, value, [s[metric] for s in task_samples if metric in s])
             rows.append({
                 "task": task, "metric": name, "value": value, "stderr": stderr, "n": count(task),
-                "chance": CHANCE.get(name), "higher_is_better": higher.get(metric, "perplexity" not in metric),
+                "chance": chance_level(task, metric, name),
+                "higher_is_better": higher.get(metric, "perplexity" not in metric),
             })
     if order:
         rank = {t: i for i, t in enumerate(order)}
