@@ -185,6 +185,9 @@ def test_residual_projections_use_scaled_init():
     model = GPT(tiny_config(n_layer=8, n_embd=128, intermediate_size=512))
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    for block in model.blocks:  # both residual projections of every block: attention's output and the MLP's
+        for proj in (block.attn.proj, block.mlp.proj):
+            assert proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -293,6 +296,36 @@ def test_top_k_keeps_the_k_most_likely():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(2000, 1)
     drawn = sample_next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1, 3}
+    # each row is cut at its own k-th logit, not at another row's
+    rows = torch.tensor([[0.0, 3.0, 1.0, 2.0], [3.0, 0.0, 1.5, 1.0]]).repeat(1000, 1)
+    drawn = sample_next_token(rows, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(drawn[0::2].tolist()) == {1, 3} and set(drawn[1::2].tolist()) == {0, 2}
+
+
+def test_temperature_scales_the_logits_before_top_k_and_top_p_cut_them(monkeypatch):
+    """As transformers' warpers in generate's order (temperature, top-k, top-p): a high temperature flattens the
+    distribution, so more tokens make up the nucleus; the tokens kept and their probabilities are the same."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
+    sampled_from = {}
+    multinomial = torch.multinomial
+
+    def spy(probs, num_samples, generator=None):
+        sampled_from["probs"] = probs
+        return multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    for temperature, top_k, top_p in ((2.0, None, 0.9), (0.5, None, 0.9), (3.0, 50, 0.8), (0.7, 20, None)):
+        sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k is not None:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p is not None:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        got = sampled_from["probs"]
+        assert torch.equal(got > 0, expected > float("-inf")), (temperature, top_k, top_p)
+        torch.testing.assert_close(got, expected.softmax(dim=-1))
 
 
 def test_bad_sampling_arguments():
