@@ -124,9 +124,11 @@ def test_to_hf_leaves_the_model_as_it_was():
     assert model.wte.weight.dtype == torch.bfloat16 and hf.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_rope_tables_stay_exact_through_a_bf16_round_trip():
-    """model.bfloat16().float() must not leave the RoPE tables rounded: transformers recomputes them in fp32."""
-    model = randomized(CASES["llama-gqa-tied"])
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "llama-mha-bias"])  # the second: rope_theta 500000
+def test_rope_tables_stay_exact_through_a_bf16_round_trip(case):
+    """model.bfloat16().float() must not leave the RoPE tables rounded: transformers recomputes them in fp32
+    (remade with the model's own rope_theta, not the default)."""
+    model = randomized(CASES[case])
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())  # weights that survive the round trip exactly
@@ -169,6 +171,7 @@ def test_round_trip_from_transformers_llama_and_gpt2():
     )).eval()
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=300, n_positions=96, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+        layer_norm_epsilon=1e-6,
     )).eval()
     idx = torch.randint(0, 300, (2, 40))
     for hf in (llama, gpt2):
@@ -180,6 +183,7 @@ def test_round_trip_from_transformers_llama_and_gpt2():
             if key in back.state_dict():
                 torch.testing.assert_close(back.state_dict()[key], value, atol=0, rtol=0)
     assert from_hf(llama).config.rope_theta == 20000.0 and from_hf(llama).config.n_kv_head == 2
+    assert from_hf(llama).config.norm_eps == from_hf(gpt2).config.norm_eps == 1e-6
 
 
 def test_unexpressible_configs_are_refused():
@@ -289,6 +293,7 @@ def test_exported_directory_contents(exported, tiny_tokenizer):
     assert AutoTokenizer.from_pretrained(out).model_max_length == model.config.block_size
     assert tiny_tokenizer.model_max_length != model.config.block_size
     assert generation["pad_token_id"] == tiny_tokenizer.pad_token_id
+    assert generation["bos_token_id"] == tiny_tokenizer.bos_token_id
 
 
 def test_exported_directory_loads_as_causal_lm_with_same_logits(exported):
