@@ -116,6 +116,10 @@ def test_a_users_tokenizer_gets_pad_roles_and_a_template_closed_by_its_own_eos()
     assistant = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert assistant[-1] == theirs.eos_token_id and "".join(theirs.convert_ids_to_tokens(assistant)) == "ok</s>"
     assert all(len(theirs.encode(role)) == 1 for role in ROLE_TOKENS.values())
+    # pad set to eos (the usual fix for a hub model without one) is no pad: PPO would mask the answers' eos
+    padded_with_eos = adapt_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>",
+                                                              pad_token="</s>"))
+    assert padded_with_eos.pad_token_id not in (None, padded_with_eos.eos_token_id)
 
 
 def test_a_tokenizer_without_eos_is_refused_clearly():
