@@ -434,15 +434,25 @@ def test_loader_is_a_function_of_seed_step_rank(prepared):
     two = [loader.batch(5, 0, 4, rank=r, world=2)[0] for r in range(2)]
     assert all(torch_equal(a, b) for a, b in zip(one, two))
     assert torch_equal(x, __import__("torch").cat(one))
+    # 2 processes x 2 micro-steps of 2 rows: slice (m, r) is rows [(m * 2 + r) * 2, ...) of the same global batch
+    four = [loader.batch(5, m, 2, rank=r, world=2)[0] for m in range(2) for r in range(2)]
+    assert torch_equal(x, __import__("torch").cat(four))
     # an epoch visits every window once (tokens = positions here, so a window's first token names it)
     from types import SimpleNamespace
 
     fake = SimpleNamespace(arrays=[np.arange(1000), np.arange(1000, 1500)], tokens=1500, data_dir="x", split="train")
     loader = BatchLoader(fake, block_size=16, batch_size=8, seed=0)
-    for epoch in range(2):
-        starts = sorted(int(loader.window(epoch * loader.n_windows + i)[0]) for i in range(loader.n_windows))
+    orders, offsets = [], set()
+    for epoch in range(4):
+        order = [int(loader.window(epoch * loader.n_windows + i)[0]) for i in range(loader.n_windows)]
+        starts = sorted(order)
         assert len(set(starts)) == loader.n_windows == (1000 - 16) // 16 + (500 - 16) // 16
-        assert len({(s if s < 1000 else s - 1000) % 16 for s in starts}) == 1  # one grid offset per epoch
+        grid = {(s if s < 1000 else s - 1000) % 16 for s in starts}
+        assert len(grid) == 1  # one grid offset per epoch
+        orders.append([s - min(grid) for s in order])
+        offsets |= grid
+    # each epoch its own seeded order and grid offset, not the first epoch's again
+    assert all(a != b for i, a in enumerate(orders) for b in orders[i + 1:]) and len(offsets) > 1
 
 
 def torch_equal(a, b):
