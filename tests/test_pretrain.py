@@ -92,6 +92,10 @@ def test_tiny_recipe_loss_falls_and_run_dir_is_complete(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["tokens_seen"] == 20 * 16 * 32
     assert metrics["val_loss"] == pytest.approx(log[-1]["val_loss"], abs=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-6)
+    for step in (16, 20):  # the scheduled learning rate is the one the optimizer stepped with
+        groups = torch.load(out / "checkpoints" / f"step-{step:06d}" / "optimizer.bin", weights_only=False)
+        assert [g["lr"] for g in groups["param_groups"]] == pytest.approx([log[step - 1]["lr"]] * 2, rel=1e-5)
     assert json.loads((out / "hf" / "metrics.json").read_text()) == metrics
     assert (out / "recipe.yaml").is_file() and (out / "hf" / "recipe.yaml").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
@@ -108,6 +112,14 @@ def test_tiny_recipe_loss_falls_and_run_dir_is_complete(tmp_path):
     ids = torch.tensor([tok("Question: Tom has 3 apples and gets 5 more.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+    # val_loss: the final model's mean loss over eval_batches batches of the val split's fixed windows
+    from align.data.shards import TokenShards
+    from align.pretrain import VAL_SEED
+
+    val = BatchLoader(TokenShards(tmp_path / "data", "val"), block_size=32, batch_size=16, seed=VAL_SEED)
+    with torch.no_grad():
+        val_losses = [ours(*val.batch(b, 0, 16))[1].item() for b in range(2)]
+    assert metrics["val_loss"] == pytest.approx(sum(val_losses) / 2, abs=1e-5)
     # `align export` finds the run's tokenizer from a checkpoint directory
     assert cli_main(["export", str(out / "checkpoints" / "step-000016"), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "config.json").is_file()
@@ -175,6 +187,51 @@ def test_resume_with_another_accumulation_and_optimizer_settings(setup, referenc
     assert run(recipe, out, "--resume", "--max_steps", "13", "--weight_decay", "0.5", "--adam_beta2", "0.9") == 0
     groups = torch.load(out / "checkpoints" / "step-000013" / "optimizer.bin", weights_only=False)["param_groups"]
     assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.5, (0.9, 0.9)), (0.0, (0.9, 0.9))]
+
+
+@pytest.mark.filterwarnings("ignore:dropout=0.2")  # the export says what transformers' Llama lacks
+def test_resume_continues_the_random_stream_that_dropout_draws_from(setup):
+    """With dropout the batches are not all a resume must restore: it continues each process's random stream from
+    the checkpoint, so the dropout masks, and with them the losses and weights, are the uninterrupted run's."""
+    import shutil
+
+    tmp, recipe = setup
+    model = json.loads((tmp / "model.json").read_text())
+    (tmp / "dropout.json").write_text(json.dumps({**model, "dropout": 0.2}))
+    full, resumed = tmp / "dropout", tmp / "dropout_resumed"
+    flags = ("--model", str(tmp / "dropout.json"), "--max_steps", "6", "--save_steps", "3", "--eval_steps", "6")
+    assert run(recipe, full, *flags) == 0
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    assert run(recipe, resumed, *flags, "--resume") == 0
+    assert [r["loss"] for r in log_of(resumed)] == [r["loss"] for r in log_of(full)]
+    a, b = final_weights(resumed, 6), final_weights(full, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_binding_max_grad_norm_bounds_every_update(setup):
+    """Gradients clipped to a norm of 1e-12 are far below AdamW's eps, so two steps move no weight by more than
+    ~1e-7 (measured: 4e-8); unclipped, AdamW moves weights by up to about the learning rate per step (measured: 4e-3
+    in two). No weight decay, which would move them too. The logged grad_norm is the norm before clipping."""
+    tmp, recipe = setup
+    out = tmp / "clipped"
+    assert run(recipe, out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "4", "--warmup_steps", "0",
+               "--max_grad_norm", "1e-12", "--weight_decay", "0") == 0
+    a, b = final_weights(out, 2), final_weights(out, 4)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert min(r["grad_norm"] for r in log_of(out)) > 1e-2
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    from align.pretrain import PretrainConfig, lr_at
+
+    cfg = PretrainConfig(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=4, max_steps=14)
+    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # step 0 trains too
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(30, cfg) == pytest.approx(0.1)  # then held at the floor
+    decay = [lr_at(s, cfg) for s in range(4, 15)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert lr_at(0, PretrainConfig(learning_rate=2.0, warmup_steps=0, max_steps=10)) == pytest.approx(2.0)
 
 
 def test_measuring_the_peak_leaves_the_random_stream_alone():
