@@ -55,6 +55,29 @@ def test_compare_marks_only_differences_beyond_noise_and_flags_reward_hacking(tm
     assert "reward hacking" in page and "<script" not in page and "http" not in page
 
 
+def test_a_difference_is_marked_when_it_exceeds_the_combined_standard_error():
+    a, b = {"value": 0.50, "stderr": 0.03}, {"value": 0.56, "stderr": 0.04}  # combined standard error 0.05
+    assert report.difference(a, b) == pytest.approx({"diff": 0.06, "se": 0.05, "significant": True, "better": True})
+    assert not report.difference(a, {**b, "value": 0.54})["significant"]  # 0.04: within noise
+    lower = report.difference(a, {**b, "higher_is_better": False})
+    assert lower["significant"] and not lower["better"] and report.mark(lower) == " ▼"
+    assert not report.difference(a, {"value": 0.9})["significant"]  # no stderr: never marked
+
+
+def test_win_rate_counts_the_challengers_wins_and_ties_half():
+    """rewards.win_rate(challenger, incumbent), as the pipeline's win_rate_vs_<previous> uses it: the share of
+    prompts on which the reward model scores the challenger's answer higher, with its (sample) standard error."""
+    import statistics
+
+    from align.evaluation.rewards import mean_entry, win_rate
+
+    result = win_rate([0.9, 0.2, 0.5, 0.7], [0.1, 0.8, 0.5, 0.3])  # won, lost, tied, won
+    assert result["value"] == pytest.approx(0.625) and result["n"] == 4
+    assert result["stderr"] == pytest.approx(statistics.stdev([1.0, 0.0, 0.5, 1.0]) / 2)
+    assert win_rate([0.1, 0.8, 0.5, 0.3], [0.9, 0.2, 0.5, 0.7])["value"] == pytest.approx(0.375)  # the other way
+    assert mean_entry([0.25]) == {"value": 0.25, "stderr": 0.0, "n": 1}
+
+
 def test_no_flag_when_accuracy_holds(tmp_path):
     a = results_file(tmp_path / "a.json", {"demo_accuracy": (0.75, 0.02, 400)})
     b = results_file(tmp_path / "b.json", {"demo_accuracy": (0.74, 0.02, 400)})
