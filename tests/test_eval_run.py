@@ -66,6 +66,43 @@ def test_suite_runs_offline_on_tiny_model(suite, eval_home, tiny_hf_dir, tmp_pat
     assert lengths and max(lengths) <= 12, lengths
 
 
+def test_corpus_perplexities_get_the_delta_method_stderr_a_jackknife_over_documents_agrees_with():
+    """lm-eval aggregates word perplexity and bits per byte over a corpus without a stderr (which the report's marks
+    need); the summary adds one from the per-document (log-likelihood, words-or-bytes) samples."""
+    import math
+
+    import numpy as np
+
+    from align.evaluation.tasks import summarise
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(20, 200, size=300)
+    ll = -words * rng.normal(3.0, 0.5, size=300)  # about 3 nats a word, varying by document
+    nbytes = words * rng.integers(4, 7, size=300)
+
+    def word_ppl(keep):
+        return math.exp(-ll[keep].sum() / words[keep].sum())
+
+    def bpb(keep):
+        return -ll[keep].sum() / nbytes[keep].sum() / math.log(2)
+
+    def jackknife(statistic):
+        n = len(words)
+        left_out = np.array([statistic(np.arange(n) != i) for i in range(n)])
+        return math.sqrt((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum())
+
+    every = np.ones(len(words), dtype=bool)
+    results = {"results": {"ppl_corpus": {"word_perplexity,none": word_ppl(every), "word_perplexity_stderr,none": "N/A",
+                                          "bits_per_byte,none": bpb(every), "bits_per_byte_stderr,none": "N/A"}},
+               "n-samples": {"ppl_corpus": {"effective": len(words)}}}
+    samples = [{"word_perplexity": [float(a), int(w)], "bits_per_byte": [float(a), int(b)]}
+               for a, w, b in zip(ll, words, nbytes)]
+    rows = {r["metric"]: r for r in summarise(results, {"ppl_corpus": samples})}
+    assert rows["corpus_word_perplexity"]["stderr"] == pytest.approx(jackknife(word_ppl), rel=0.05)
+    assert rows["corpus_bits_per_byte"]["stderr"] == pytest.approx(jackknife(bpb), rel=0.05)
+    assert rows["corpus_word_perplexity"]["higher_is_better"] is False and rows["corpus_bits_per_byte"]["n"] == 300
+
+
 @register_model("align-oracle")
 class OracleLM(LM):
     """Answers every generation request with the gold answer of the question its prompt ends with."""
