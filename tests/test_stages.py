@@ -179,6 +179,9 @@ def test_sft_on_a_chat_template_without_generation_markers(tiny_hf_dir, tmp_path
     for example, answer in zip(trainer.train_dataset, ("2 + 2 = 4", "3 + 5 = 8"), strict=True):
         trained = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
         assert answer in tokenizer.decode(trained) and "What" not in tokenizer.decode(trained)
+        # the prompt is the conversation before this turn: the answer is not in it too
+        prompt = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label == -100]
+        assert answer not in tokenizer.decode(prompt) and tokenizer.decode(prompt).count("What is 2 + 2?") == 1
 
 
 def test_reward_model_scores_at_eos(reward_dir):
