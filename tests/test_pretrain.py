@@ -165,6 +165,35 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(setup, reference):
         assert metrics[0][key] == metrics[1][key], key  # the summary covers the whole run, not the resumed part
 
 
+SAVE_KILLER = """
+import os, signal, sys
+from accelerate import Accelerator
+original = Accelerator.save_state
+def save_state(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # Accelerate's files are written, the checkpoint's weights and config not yet
+    return result
+Accelerator.save_state = save_state
+from align.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_save_killed_midway_leaves_no_checkpoint_but_a_temporary_one_the_resume_removes(setup, reference):
+    """A checkpoint appears under its step-N name only once complete (it is renamed from a temporary name)."""
+    tmp, recipe = setup
+    out = tmp / "killed_in_save"
+    killer = tmp / "save_killer.py"
+    killer.write_text(SAVE_KILLER)
+    proc = subprocess.run([sys.executable, str(killer), "--config", str(recipe), "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [".tmp-step-000004"]
+    assert run(recipe, out, "--resume") == 0  # nothing to resume from: the run starts at step 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008", "step-000012"]
+    assert [r["loss"] for r in log_of(out)] == [r["loss"] for r in log_of(reference)]
+
+
 def test_resume_with_another_accumulation_and_optimizer_settings(setup, reference):
     """Resumed from step 4 with 8 micro-steps of 1 row instead of one of 8: the same global batch, so the same
     losses (to float rounding). Accelerate's restored micro-step count used to make it step the optimizer mid-batch.
