@@ -282,6 +282,24 @@ def test_embedded_sources():
 # Shards, cache and loader
 
 
+def test_no_heldout_demo_question_is_trained_on():
+    """The demo's evaluation questions (one question text in ten) are in none of its training splits nor in the
+    arithmetic pretraining text, and the training splits share no question."""
+    from align.data.tasks import demo_splits, is_heldout, pretraining_documents
+
+    def question(text):
+        return text.removeprefix("Question: ").split("\nAnswer:")[0]
+
+    splits = demo_splits(seed=0, n_sft=300, n_preference=100, n_prompts=100, n_heldout=40)
+    heldout = [row["question"] for row in splits["heldout"]]
+    trained = {name: [question(row["prompt"][0]["content"]) for row in splits[name]]
+               for name in ("sft", "preferences", "prompts")}
+    pretraining = [question(d) for d in pretraining_documents(500, seed=1) if d.startswith("Question: ")]
+    assert len(heldout) == 40 and all(map(is_heldout, heldout))
+    assert not any(map(is_heldout, [q for qs in trained.values() for q in qs] + pretraining))
+    assert len({q for qs in trained.values() for q in qs}) == 300 + 100 + 100
+
+
 def test_special_token_text_inside_documents_is_encoded_as_text(tmp_path, prepared):
     """A document quoting "<|endoftext|>" must not put an eos (or pad, or role) id into the stream."""
     from transformers import AutoTokenizer
