@@ -269,20 +269,26 @@ def test_top_p_keeps_only_the_nucleus():
     assert len(set(sample_next_token(logits, top_p=1.0, generator=gen).tolist())) == 4
 
 
-def test_top_p_keeps_the_tokens_transformers_keeps_and_all_of_them_at_one(monkeypatch):
+@pytest.fixture
+def sampled_from(monkeypatch):
+    """{"probs": ...}: the distribution the last sample_next_token drew from (torch.multinomial spied on)."""
+    seen = {}
+    multinomial = torch.multinomial
+
+    def spy(probs, num_samples, generator=None):
+        seen["probs"] = probs
+        return multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return seen
+
+
+def test_top_p_keeps_the_tokens_transformers_keeps_and_all_of_them_at_one(sampled_from):
     """Over a wide vocabulary with a long tail: the nucleus is transformers' `TopPLogitsWarper`'s, and top_p=1
     filters nothing (a running sum from the top reaches 1.0 in fp32 before the tail's mass is counted)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
-    sampled_from = {}
-    multinomial = torch.multinomial
-
-    def spy(probs, num_samples, generator=None):
-        sampled_from["probs"] = probs
-        return multinomial(probs, num_samples, generator=generator)
-
-    monkeypatch.setattr(torch, "multinomial", spy)
     for top_p in (1.0, 0.9999, 0.99, 0.9, 0.5, 1e-6):
         sample_next_token(logits, top_p=top_p)
         kept = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
@@ -302,20 +308,12 @@ def test_top_k_keeps_the_k_most_likely():
     assert set(drawn[0::2].tolist()) == {1, 3} and set(drawn[1::2].tolist()) == {0, 2}
 
 
-def test_temperature_scales_the_logits_before_top_k_and_top_p_cut_them(monkeypatch):
+def test_temperature_scales_the_logits_before_top_k_and_top_p_cut_them(sampled_from):
     """As transformers' warpers in generate's order (temperature, top-k, top-p): a high temperature flattens the
     distribution, so more tokens make up the nucleus; the tokens kept and their probabilities are the same."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
-    sampled_from = {}
-    multinomial = torch.multinomial
-
-    def spy(probs, num_samples, generator=None):
-        sampled_from["probs"] = probs
-        return multinomial(probs, num_samples, generator=generator)
-
-    monkeypatch.setattr(torch, "multinomial", spy)
     for temperature, top_k, top_p in ((2.0, None, 0.9), (0.5, None, 0.9), (3.0, 50, 0.8), (0.7, 20, None)):
         sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
