@@ -369,6 +369,14 @@ def launch_two(script, *args):
     )
 
 
+def launch_patched(source: str, out: Path, *args):
+    """launch_two of a script (`source`, written beside `out`) that patches align before it runs pretraining
+    into --output_dir `out`."""
+    script = out.with_name(out.name + ".py")
+    script.write_text(source)
+    return launch_two(script, *args, "--output_dir", out)
+
+
 def test_two_processes_match_one_at_the_same_global_batch(setup):
     tmp, recipe = setup
     one, two = tmp / "one_process", tmp / "two_processes"
@@ -420,10 +428,8 @@ sys.exit(pretrain.main(sys.argv[1:]))
 
 def test_processes_that_prepared_different_data_stop_before_training(setup):
     tmp, recipe = setup
-    script = tmp / "different_data.py"
-    script.write_text(DIFFERENT_DATA)
     out = tmp / "different_data"
-    proc = launch_two(script, "--config", recipe, "--output_dir", out, "--max_steps", "2")
+    proc = launch_patched(DIFFERENT_DATA, out, "--config", recipe, "--max_steps", "2")
     assert proc.returncode != 0
     assert proc.stderr.count("the processes prepared different data") == 2, proc.stderr[-3000:]  # on every rank
     assert "rank 0: " in proc.stderr and "rank 1: " in proc.stderr and "-rank1 (tokens" in proc.stderr
@@ -447,10 +453,8 @@ def test_a_sigterm_to_one_process_during_a_save_stops_every_process_there(setup)
     """The signal came after the step's vote: the rank that got it must not stop alone (the other went on into the
     next step's collectives and died there with a connection traceback)."""
     tmp, recipe = setup
-    script = tmp / "sigterm_during_a_save.py"
-    script.write_text(SIGTERM_DURING_A_SAVE)
     out = tmp / "sigterm_during_a_save"
-    proc = launch_two(script, "--config", recipe, "--output_dir", out, "--save_steps", "2")
+    proc = launch_patched(SIGTERM_DURING_A_SAVE, out, "--config", recipe, "--save_steps", "2")
     assert "SIGTERM: saved" in proc.stdout and "at step 2 of 12" in proc.stdout, proc.stderr[-3000:]
     # Both ranks stop there with 143; the one still exiting when the other has gone may be ended by torchrun (-15)
     exits = proc.stderr.count("exitcode  : 143") + proc.stderr.count("exitcode  : -15")
@@ -530,10 +534,8 @@ def test_a_main_process_failure_while_saving_stops_every_process_with_the_messag
     """The main process writes the checkpoint's weights alone while the others wait for it; its error must reach
     them (they died in the barrier with a connection traceback), and the checkpoint before stays the latest."""
     tmp, recipe = setup
-    script = tmp / "full_disk.py"
-    script.write_text(FULL_DISK_ON_THE_MAIN_PROCESS)
     out = tmp / "full_disk"
-    proc = launch_two(script, "--config", recipe, "--output_dir", out, "--save_steps", "2")
+    proc = launch_patched(FULL_DISK_ON_THE_MAIN_PROCESS, out, "--config", recipe, "--save_steps", "2")
     assert proc.returncode != 0
     assert proc.stderr.count("align pretrain: error: [Errno 28] No space left on device; a checkpoint cut short is "
                              "removed") == 2, proc.stderr[-3000:]
