@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -166,26 +167,38 @@ class Pipeline:
         if not sys.stderr.isatty():  # a log file: progress bars every 30 s rather than several times a second
             env.setdefault("TQDM_MININTERVAL", "30")
         process = subprocess.Popen(cmd, env=env)
-        interrupts, terminated = 0, False
-        while True:
-            try:
-                returncode = process.wait()
-                break
-            except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the stage too: let it save and stop
-                interrupts += 1
-                if interrupts == 1:
+        # While the stage runs, SIGINT and SIGTERM are only noted, and acted on between polls: a KeyboardInterrupt
+        # raised anywhere in this loop (a second Ctrl-C while the first was handled) would skip the stage's stop.
+        got = []
+
+        def note(signum, _frame):
+            got.append(signum)
+
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        told = killed = terminated = False
+        try:
+            while True:
+                try:
+                    returncode = process.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                presses = got.count(signal.SIGINT)
+                if presses and not told:  # a terminal's Ctrl-C reaches the stage too: let it save and stop
                     print("\n[pipeline] Ctrl-C: waiting for the stage to stop (pretraining, SFT and the reward model "
                           "save a checkpoint first)", file=sys.stderr, flush=True)
-                elif interrupts >= 3:  # the stage's whole tree: torchrun's workers run in sessions of their own
-                    import psutil  # (Accelerate's dependency)
-
-                    for child in psutil.Process(process.pid).children(recursive=True):
-                        child.kill()
-                    process.kill()
-            except Terminated:  # killing the pipeline alone would leave the stage running on its own: stop it too
-                terminated = True
-                process.terminate()
-        if interrupts:
+                    told = True
+                if presses >= 3 and not killed:  # the stage's whole tree: torchrun's workers have sessions of their own
+                    kill_tree(process.pid)
+                    killed = True
+                if signal.SIGTERM in got and not terminated:  # the pipeline alone would leave the stage running
+                    process.terminate()
+                    terminated = True
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if signal.SIGINT in got:
             raise KeyboardInterrupt
         if terminated:
             raise Terminated
@@ -380,6 +393,22 @@ class Pipeline:
             print(f"[pipeline] {stage}: moved {d} to {backup}")
         else:
             shutil.rmtree(d)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started."""
+    import psutil  # (Accelerate's dependency)
+
+    try:
+        parent = psutil.Process(pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.Error:  # gone meanwhile
+        return
+    for process in family:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def settings_help() -> str:

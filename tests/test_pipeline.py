@@ -283,9 +283,9 @@ def test_a_third_ctrl_c_kills_the_stage_with_its_workers(tmp_path):
     lines = iter(process.stdout.readline, "")
     next(line for line in lines if line.startswith("[pipeline] $"))
     worker = int(next(lines))
-    for _ in range(3):
+    for _ in range(3):  # in quick succession: a press while the one before is handled must count too
         process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        time.sleep(0.1)
     process.wait(timeout=30)
 
     def alive(pid: int) -> bool:
