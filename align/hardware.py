@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -74,3 +77,46 @@ def picklable(error: Exception) -> bool:
         return True
     except Exception:  # noqa: BLE001 - exceptions whose __init__ takes other arguments than their args
         return False
+
+
+class StopRequest:
+    """SIGTERM, or a first Ctrl-C, while installed: noted, for the training loop to save at the end of its step and
+    stop; a second Ctrl-C raises KeyboardInterrupt at once. `ctrl_c_message` is printed at the first Ctrl-C (None on
+    the processes that should not print it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, ctrl_c_message: str | None = None):
+        self.signal: str | None = None  # "SIGTERM" or "SIGINT": this process's, or another rank's once agreed
+        self.ctrl_c_message = ctrl_c_message
+        self.previous = {}
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def note(self, signum, _frame):
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.ctrl_c_message:
+            sys.stderr.write(f"\n{self.ctrl_c_message}\n")
+
+    def agreed(self, num_processes: int, device) -> str | None:
+        """The signal every rank stops for now, or None: a vote (an all-reduce) under several processes. A signal
+        that arrives after this rank's vote counts at the next one: acted on alone, this rank would save or stop while
+        the others go on into the next collective."""
+        if num_processes == 1:
+            return self.signal
+        from accelerate.utils import reduce
+
+        if reduce(torch.tensor(float(self.signal is not None), device=device), "max").item() == 0:
+            return None
+        self.signal = self.signal or "SIGTERM"  # another rank's
+        return self.signal

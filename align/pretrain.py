@@ -21,7 +21,7 @@ import torch
 from align.data.corpus import DataError, check_sources
 from align.data.prepare import DataConfig, adapt_tokenizer, cache_key, prepare_data, resolve_data_dir
 from align.data.shards import TOKENIZER_DIR, BatchLoader, TokenShards, load_data_tokenizer, shards_digest
-from align.hardware import bf16_supported, device_type, failing_together, unsharded_warning
+from align.hardware import StopRequest, bf16_supported, device_type, failing_together, unsharded_warning
 from align.model.config import PRESETS, GPTConfig, preset
 from align.model.gpt import GPT
 from align.model.hf import CONFIG_FILE, WEIGHTS_FILE, export, load_checkpoint
@@ -567,29 +567,9 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
         model.train()
         return accelerator.reduce(total / (cfg.eval_batches * grad_accum), "mean").item()
 
-    stop = {"signal": None}  # SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now
-
-    def on_signal(signum, _frame):
-        if signum == signal.SIGINT and stop["signal"] == "SIGINT":
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        if signum == signal.SIGINT and main:
-            print("\n[pretrain] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)",
-                  file=sys.stderr)
-
-    def agreed_stop() -> str | None:
-        """The signal every rank stops for now, or None. A signal that arrives after this rank's vote counts at the
-        next vote: acted on alone, this rank would save or stop while the others go on into the next collective."""
-        if world == 1:
-            return stop["signal"]
-        flag = torch.tensor(float(stop["signal"] is not None), device=accelerator.device)
-        if accelerator.reduce(flag, "max").item() == 0:
-            return None
-        stop["signal"] = stop["signal"] or "SIGTERM"  # another rank's
-        return stop["signal"]
-
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals} if _main_thread() else {}
+    # SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now
+    stop = StopRequest("[pretrain] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)"
+                       if main else None).install()
     recent, last_val, rates, saved_step = [], None, [], -1
     started = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=train_state.step, desc="pretrain", unit="step", disable=not main)
@@ -644,23 +624,22 @@ def _train(cfg: PretrainConfig, data_cfg: DataConfig, held: contextlib.ExitStack
                                 step=train_state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-            stopping = agreed_stop()  # every rank must stop at the same step, whichever got the signal
+            stopping = stop.agreed(world, accelerator.device)  # every rank stops at the same step
             if train_state.step % cfg.save_steps == 0 or train_state.step == cfg.max_steps or stopping:
                 if not weights_finite(model, accelerator):  # a checkpoint is never saved with inf/nan weights
                     raise FloatingPointError(_nonfinite_message(train_state.step, step_loss, norm, lr, output_dir,
                                                                 what="weights after the optimizer step"))
                 ckpt = save_checkpoint(accelerator, model, output_dir, train_state.step, cfg.save_total_limit)
                 saved_step = train_state.step
-                stopping = stopping or agreed_stop()  # a signal during the save: stop here
+                stopping = stopping or stop.agreed(world, accelerator.device)  # a signal during the save
             if stopping:
                 bar.close()
-                log(f"[pretrain] {stop['signal']}: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; "
+                log(f"[pretrain] {stopping}: saved {ckpt} at step {train_state.step} of {cfg.max_steps}; "
                     f"continue with the same command and --resume (keeping --max_steps {cfg.max_steps})")
-                return {"stopped_at": train_state.step, "checkpoint": str(ckpt), "signal": stop["signal"]}
+                return {"stopped_at": train_state.step, "checkpoint": str(ckpt), "signal": stopping}
     finally:
         bar.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
         if cfg.report_to != "none":  # not end_training(): it also destroys the process group the export needs
             for tracker in accelerator.trackers:
                 tracker.finish()
@@ -788,12 +767,6 @@ def _noted(recipe_path: Path, key: str) -> str | None:
         if line.startswith(f"# {key}: "):
             return line[len(f"# {key}: "):]
     return None
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, output_dir: Path,

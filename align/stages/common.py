@@ -8,7 +8,6 @@ import math
 import shutil
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from transformers import TrainerCallback, set_seed
 from align.data import tasks
 from align.data.validate import (DATA_SUFFIXES, DataError, DataReport, Record, dataset_records, enforce,
                                  read_records, validate)
-from align.hardware import bf16_supported, device_type, failing_together, hardware_defaults, unsharded_warning
+from align.hardware import (StopRequest, bf16_supported, device_type, failing_together, hardware_defaults,
+                            unsharded_warning)
 from align.recipe import parse_recipe, save_recipe
 from align.runs import (LOCK_FILE, WEIGHT_FILES, OutputDirError, Terminated, check_output_path, holds_cwd,
                         prepare_output_dir, truncate_log, write_json)
@@ -648,31 +648,17 @@ class JsonlLogger(TrainerCallback):
 class SaveOnSignal(TrainerCallback):
     """SIGTERM (`kill`, scancel, a Slurm preemption) or a first Ctrl-C during trainer.train(): the current optimizer
     step finishes, a checkpoint-N is saved in output_dir and training stops; `train_and_evaluate` then exits 143 or
-    130. A second Ctrl-C stops at once. Under several processes every step ends with a vote (an all-reduce of the
-    flag), so that every rank saves at the same step whichever got the signal: a rank acting alone would leave the
-    others waiting in the next collective."""
+    130. A second Ctrl-C stops at once. Under several processes every step ends with a vote, so that every rank saves
+    at the same step whichever got the signal."""
 
     def __init__(self):
-        self.signal = None  # the signal this process got (SIGTERM or SIGINT), or another rank's once agreed
+        message = "[align] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)"
+        self.request = StopRequest(message if PartialState().is_main_process else None)
         self.stopped = False  # every process agreed to stop: the checkpoint of this step is saved
-
-    def on_signal(self, signum, _frame):
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum)
-        if signum == signal.SIGINT and PartialState().is_main_process:
-            sys.stderr.write("\n[align] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)\n")
 
     def agreed(self) -> bool:
         state = PartialState()
-        if state.num_processes == 1:
-            return self.signal is not None
-        from accelerate.utils import reduce
-
-        if reduce(torch.tensor(float(self.signal is not None), device=state.device), "max").item() == 0:
-            return False
-        self.signal = self.signal or signal.SIGTERM  # another rank's
-        return True
+        return self.request.agreed(state.num_processes, state.device) is not None
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.agreed():  # after DefaultFlowCallback's decisions, so these win
@@ -733,22 +719,19 @@ def train_and_evaluate(trainer, training_args) -> dict:
             resumed_from = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
     stop = SaveOnSignal()
     trainer.add_callback(stop)
-    main_thread = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, stop.on_signal) for sig in stop_signals} if main_thread else {}
+    stop.request.install()
     try:
         summary = trainer.train(resume_from_checkpoint=resume).metrics
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        stop.request.restore()
     if stop.stopped:  # not evaluated, and no model or metrics.json written: the run has not finished
         checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        what = "Ctrl-C" if stop.signal == signal.SIGINT else "SIGTERM"
+        what = "Ctrl-C" if stop.request.signal == "SIGINT" else "SIGTERM"
         log(f"{what}: saved {checkpoint} at step {trainer.state.global_step} of {trainer.state.max_steps}; continue "
             "with the same command and --resume_from_checkpoint true")
         # Every rank has written its share (rank 0 the most): the first to exit makes the launcher end the others
         PartialState().wait_for_everyone()
-        raise Terminated(stop.signal)
+        raise Terminated(signal.Signals[stop.request.signal])
     if resumed_from is not None:
         summary["resumed_from_step"] = resumed_from
     steps = [log for log in trainer.state.log_history if "train_runtime" not in log and not
